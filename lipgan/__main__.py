@@ -1,0 +1,3 @@
+from lipgan.cli import main
+
+raise SystemExit(main())
