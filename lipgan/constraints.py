@@ -32,6 +32,8 @@ class Constraint:
     """
 
     name: str = "none"
+    #: added to the optimizer's ``weight_decay`` by the trainers (the ``l2`` method uses it)
+    weight_decay: float = 0.0
 
     def __init__(self) -> None:
         self.last_grad_norm: torch.Tensor | None = None
@@ -77,6 +79,10 @@ class Compose(Constraint):
             if m.last_grad_norm is not None:
                 self.last_grad_norm = m.last_grad_norm
         return total
+
+    @property
+    def weight_decay(self) -> float:  # type: ignore[override]
+        return sum(m.weight_decay for m in self.methods)
 
     def after_step(self, module: nn.Module) -> None:
         for m in self.methods:
