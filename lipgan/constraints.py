@@ -51,7 +51,9 @@ class Constraint:
 
     def __repr__(self) -> str:
         fields = ", ".join(
-            f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "last_grad_norm"
+            f"{k}={v!r}"
+            for k, v in vars(self).items()
+            if not k.startswith("_") and k != "last_grad_norm"
         )
         return f"{type(self).__name__}({fields})"
 

