@@ -186,10 +186,7 @@ def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
             if not isinstance(fh, gzip.GzipFile):  # plain file: compare its size before reading
                 have = path.stat().st_size - 4 - 4 * ndim
                 if have != expected:
-                    raise LipganError(
-                        f"{path}: IDX header announces shape {dims} ({expected} bytes of data) "
-                        f"but the file holds {have}; the file is truncated or not this dataset"
-                    )
+                    raise LipganError(_size_problem(path, dims, expected, have))
             # Read in chunks: memory grows with the bytes really present, never with the header.
             buf = bytearray()
             while len(buf) < expected:
@@ -198,14 +195,22 @@ def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
                     break
                 buf += chunk
             if len(buf) < expected or fh.read(1):
-                raise LipganError(
-                    f"{path}: IDX header announces shape {dims} ({expected} bytes of data) "
-                    f"but the file holds {'fewer' if len(buf) < expected else 'more'}; "
-                    "the file is truncated or not this dataset"
-                )
+                have = len(buf) if len(buf) < expected else expected + 1
+                raise LipganError(_size_problem(path, dims, expected, have))
     except (OSError, EOFError, gzip.BadGzipFile, ValueError) as exc:
         raise LipganError(f"{path}: cannot read IDX file: {exc}") from None
     return np.frombuffer(bytes(buf), dtype=np.uint8).reshape(dims)
+
+
+def _size_problem(path: Path, dims: tuple, expected: int, have: int) -> str:
+    what = (
+        f"holds only {have}: the file is truncated"
+        if have < expected
+        else "holds more than that: it is not an IDX file of this shape"
+    )
+    return (
+        f"{path}: IDX header announces shape {dims} ({expected} bytes of data) but the file {what}"
+    )
 
 
 def load_split(folder: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
