@@ -1,0 +1,259 @@
+"""The report's parsing and page, on run folders written by hand to the run-folder contract."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import statistics
+import struct
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from lipgan import report
+from lipgan.errors import LipganError
+
+COLUMNS = report.METRIC_COLUMNS
+
+
+def _png(width: int = 8, height: int = 8) -> bytes:
+    """A tiny grey PNG written by hand (independent of matplotlib)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    raw = b"".join(b"\x00" + bytes(range(width)) for _ in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def make_run(
+    folder: Path,
+    method: str,
+    seed: int,
+    *,
+    state: str = "done",
+    reason: str | None = None,
+    rows: list[dict] | None = None,
+    eval_: dict | None = None,
+    samples: bool = True,
+    extra_line: str | None = None,
+) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(
+        f"method: {method}\nseed: {seed}\nmodel: dcgan28\nwidth: 8\ndataset: mnist\n"
+    )
+    rows = rows if rows is not None else []
+    steps = int(rows[-1]["step"]) if rows else 0
+    (folder / "status.json").write_text(
+        json.dumps({"state": state, "reason": reason, "step": steps, "steps": 10, "wall_s": 2.5})
+    )
+    with open(folder / "metrics.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in COLUMNS})
+        if extra_line is not None:
+            fh.write(extra_line)
+    if eval_ is not None:
+        (folder / "eval.json").write_text(json.dumps(eval_))
+    if samples:
+        (folder / "samples").mkdir()
+        (folder / "samples" / "last.png").write_bytes(_png())
+    return folder
+
+
+def _rows(n: int, w0: float, ms: float) -> list[dict]:
+    return [
+        {
+            "step": i + 1,
+            "time_s": 0.1 * (i + 1),
+            "wasserstein": w0 / (i + 1),
+            "gnorm_real_max": 0.5 + i,
+            "gnorm_fake_max": 0.7 + i if i % 2 == 0 else "",
+            "gnorm_interp_max": 0.6 + i,
+            "product_bound": 40.0 + i if i % 3 == 0 else "",
+            "fid": 300.0 - 10 * i if i % 2 == 1 else "",
+            "ms_per_step": ms + i,
+        }
+        for i in range(n)
+    ]
+
+
+EVAL = {
+    "fid": 12.0,
+    "kid": -0.001,
+    "is": 8.5,
+    "precision": 0.7,
+    "recall": 0.6,
+    "density": 0.9,
+    "coverage": 0.8,
+    "classes_covered": 10,
+    "class_kl": 0.02,
+    "n": 1000,
+}
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs: list[str] = []
+        self.tables: list[str] = []
+        self.text: list[str] = []
+        self.scripts = 0
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        if tag == "table":
+            self.tables.append(a.get("id", ""))
+        if tag == "script":
+            self.scripts += 1
+        for key in ("src", "href"):
+            if key in a and not a[key].startswith("data:"):
+                self.external.append(a[key])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(page: str) -> _Collect:
+    p = _Collect()
+    p.feed(page)
+    return p
+
+
+def test_metrics_csv_parsing_and_derived_values(tmp_path):
+    rows = _rows(5, 2.0, 100.0)
+    run_dir = make_run(tmp_path / "a", "wgan-gp", 0, rows=rows, extra_line="6,0.6,0.1")
+    run = report.load_run(run_dir)
+    assert len(run) == 5  # the cut-short last line is dropped
+    assert run.method == "wgan-gp" and run.seed == 0 and run.state == "done"
+    assert math.isnan(run.column("fid")[0]) and run.column("fid")[1] == 290.0
+    # max over the three gnorm_*_max columns where any is present, independently computed
+    expect = [
+        max(v for v in (r["gnorm_real_max"], r["gnorm_fake_max"], r["gnorm_interp_max"]) if v != "")
+        for r in rows
+    ]
+    assert run.max_grad_norm().tolist() == pytest.approx(expect)
+    assert run.last("product_bound") == 43.0
+    assert run.last("fid") == 270.0
+    assert run.last("wasserstein") == pytest.approx(2.0 / 5)
+    assert run.ms_per_step() == statistics.median(r["ms_per_step"] for r in rows)
+
+
+def test_ms_per_step_falls_back_to_wall_time(tmp_path):
+    rows = [{"step": 5, "time_s": 1.0, "wasserstein": 0.1}]
+    run = report.load_run(make_run(tmp_path / "a", "sn", 1, rows=rows))
+    assert run.ms_per_step() == pytest.approx(1000 * 2.5 / 5)
+
+
+def test_summary_mean_std_over_seeds_excludes_failed(tmp_path):
+    fids = [10.0, 14.0, 15.0]
+    runs = []
+    for s, f in enumerate(fids):
+        ev = dict(EVAL, fid=f)
+        runs.append(make_run(tmp_path / f"gp{s}", "wgan-gp", s, rows=_rows(3, 1, 50), eval_=ev))
+    runs.append(
+        make_run(
+            tmp_path / "gp9",
+            "wgan-gp",
+            9,
+            state="failed",
+            reason="non-finite loss at step 2",
+            rows=_rows(2, 1, 50),
+            eval_=dict(EVAL, fid=1e6),
+        )
+    )
+    runs.append(
+        make_run(tmp_path / "sn0", "sn", 0, rows=_rows(3, 1, 30), eval_=dict(EVAL, fid=7.0))
+    )
+    loaded = [report.load_run(p) for p in runs]
+    summary = {e["method"]: e for e in report.summarize(loaded)}
+    gp = summary["wgan-gp"]
+    assert (gp["runs"], gp["done"], gp["failed"]) == (4, 3, 1)
+    mean, std = gp["stats"]["fid"]
+    assert mean == pytest.approx(statistics.mean(fids))
+    assert std == pytest.approx(statistics.stdev(fids))
+    mean, std = summary["sn"]["stats"]["fid"]
+    assert mean == 7.0 and math.isnan(std)
+    assert report._fmt_stat(summary["sn"]["stats"]["fid"]) == "7"
+
+
+def test_page_is_self_contained_and_lists_failed_runs(tmp_path):
+    a = make_run(tmp_path / "gp0", "wgan-gp", 0, rows=_rows(6, 1.5, 80), eval_=EVAL)
+    b = make_run(tmp_path / "gp1", "wgan-gp", 1, rows=_rows(6, 1.2, 82), eval_=EVAL)
+    bad = make_run(
+        tmp_path / "clip0",
+        "wgan-clip",
+        0,
+        state="failed",
+        reason="loss is nan at step 3 <script>alert(1)</script>",
+        rows=_rows(2, 1, 60),
+        samples=False,
+    )
+    out = report.build_report([a, b, bad], tmp_path / "out" / "r.html")
+    page = out.read_text()
+    parsed = _parse(page)
+    assert parsed.scripts == 0 and parsed.external == []
+    assert {"summary", "runs"} <= set(parsed.tables)
+    # three plots and two sample grids, all inline PNG
+    assert len(parsed.imgs) == 5
+    assert all(src.startswith("data:image/png;base64,") for src in parsed.imgs)
+    assert sum(src.endswith(report.base64.b64encode(_png()).decode()) for src in parsed.imgs) == 2
+    text = "".join(parsed.text)
+    assert "failed: loss is nan at step 3 <script>alert(1)</script>" in text  # escaped, shown
+    assert "<script>alert" not in page
+    assert html.escape("<script>") in page
+    assert "no samples/last.png" in text
+
+
+def test_single_run_page(tmp_path):
+    a = make_run(tmp_path / "only", "sn", 0, rows=_rows(4, 1.0, 30))
+    page = report.build_html([report.load_run(a)])
+    parsed = _parse(page)
+    assert len(parsed.imgs) == 4 and "runs" in parsed.tables
+    assert "lipgan report: only" in "".join(parsed.text)
+
+
+def test_compare_folder_expands_to_its_runs(tmp_path):
+    make_run(tmp_path / "cmp" / "runs" / "sn-seed0", "sn", 0, rows=_rows(2, 1, 30))
+    make_run(tmp_path / "cmp" / "runs" / "gan-seed0", "gan", 0, rows=_rows(2, 1, 30))
+    paths = report.expand_paths([tmp_path / "cmp"])
+    assert [p.name for p in paths] == ["gan-seed0", "sn-seed0"]
+
+
+def test_errors_are_user_errors(tmp_path):
+    with pytest.raises(LipganError, match="does not exist"):
+        report.expand_paths([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LipganError, match="neither a run folder"):
+        report.expand_paths([tmp_path / "empty"])
+    bad = make_run(tmp_path / "bad", "sn", 0)
+    (bad / "status.json").write_text("{not json")
+    with pytest.raises(LipganError, match="not valid JSON"):
+        report.load_run(bad)
+
+
+def test_cli(tmp_path, capsys):
+    from lipgan.cli import main
+
+    a = make_run(tmp_path / "r", "sn", 0, rows=_rows(3, 1, 30))
+    out = tmp_path / "page.html"
+    assert main(["report", str(a), "--out", str(out)]) == 0
+    assert out.is_file() and "<table" in out.read_text()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
