@@ -15,11 +15,14 @@ Methods are made by name with their papers' defaults through :func:`get`; users 
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from lipgan import layers as _layers
 from lipgan.errors import LipganError
 
 
@@ -120,6 +123,10 @@ def get(name: str | Constraint | Iterable, **overrides) -> Constraint:
     if isinstance(name, str) and "," in name:
         name = [n.strip() for n in name.split(",") if n.strip()]
     if not isinstance(name, str):
+        if overrides:
+            raise LipganError(
+                "options apply to one method; build each with get(name, **options) and pass a list"
+            )
         return Compose(get(n) for n in name)
     if name not in _REGISTRY:
         raise LipganError(
@@ -129,3 +136,344 @@ def get(name: str | Constraint | Iterable, **overrides) -> Constraint:
         return _REGISTRY[name](**overrides)
     except TypeError as exc:
         raise LipganError(f"bad option for method {name!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The methods
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise LipganError(f"{name} must be positive, got {value!r}")
+
+
+@register("weight-clip")
+class WeightClip(Constraint):
+    """WGAN's weight clipping: every parameter clamped to ``[-c, c]``.
+
+    Arjovsky et al. 2017 (official ``main.py``) clamp before each critic step; clamping at
+    ``attach`` and after every critic step is the same sequence of weights. ``c = 0.01`` there.
+    """
+
+    name = "weight-clip"
+
+    def __init__(self, c: float = 0.01) -> None:
+        super().__init__()
+        _check_positive("c", c)
+        self.c = float(c)
+
+    @torch.no_grad()
+    def _clamp(self, module: nn.Module) -> None:
+        for p in module.parameters():
+            p.clamp_(-self.c, self.c)
+
+    def attach(self, module: nn.Module) -> nn.Module:
+        self._clamp(module)
+        return module
+
+    def after_step(self, module: nn.Module) -> None:
+        self._clamp(module)
+
+
+@register("gradient-penalty")
+class GradientPenalty(Constraint):
+    """WGAN-GP (Gulrajani et al. 2017): ``lam * mean_i (||grad_x D(x_i)||_2 - 1)^2``.
+
+    ``x_i = a_i real_i + (1 - a_i) fake_i`` with one ``a_i ~ U[0, 1]`` per sample (not per
+    pixel), the norm over all non-batch dimensions of sample ``i`` (not element-wise). ``real``
+    and ``fake``: ``(B, ...)`` of one shape (images or flat vectors). ``lam = 10`` as in the
+    paper and the official ``gan_mnist.py``.
+
+    Both inputs are detached before interpolating, so the generator's graph is never part of
+    the critic's step even when ``fake`` still carries it. The gradient is taken with
+    ``torch.autograd.grad`` with respect to the interpolates only, with ``create_graph=True``
+    for the double backward (one backward of the whole loss afterwards: DDP-safe). The norm is
+    computed in float32 (also under bf16 autocast). ``fake=None`` (classifier trainers)
+    penalizes at the real points. A critic with several outputs per sample is probed along one
+    random unit direction ``r_i`` per sample: the norm of ``J_i^T r_i``, a lower estimate of the
+    local Lipschitz constant. Sets ``last_grad_norm`` to the per-sample norms, shape ``(B,)``.
+    """
+
+    name = "gradient-penalty"
+
+    def __init__(self, lam: float = 10.0) -> None:
+        super().__init__()
+        _check_positive("lam", lam)
+        self.lam = float(lam)
+
+    def _shape_penalty(self, norm: torch.Tensor) -> torch.Tensor:
+        return (norm - 1.0).square()
+
+    def interpolate(self, real: torch.Tensor, fake: torch.Tensor | None) -> torch.Tensor:
+        """``a_i real_i + (1 - a_i) fake_i``, one ``a_i`` per sample; detached inputs."""
+        real = real.detach()
+        if fake is None:
+            return real.clone()
+        fake = fake.detach()
+        if fake.shape != real.shape:
+            raise LipganError(
+                f"real and fake batches must have one shape for the penalty; got "
+                f"{tuple(real.shape)} and {tuple(fake.shape)}"
+            )
+        alpha = torch.rand(
+            (real.shape[0],) + (1,) * (real.dim() - 1), device=real.device, dtype=real.dtype
+        )
+        return torch.lerp(fake, real, alpha)
+
+    def penalty(self, critic, real, fake=None):
+        x = self.interpolate(real, fake).requires_grad_(True)
+        batch = x.shape[0]
+        with torch.enable_grad():
+            out = critic(x)
+            if out.dim() == 0 or out.shape[0] != batch:
+                raise LipganError(
+                    "the critic must return one score per sample, shape (B,) or (B, 1); got "
+                    f"{tuple(out.shape)} for a batch of {batch} (do not average inside the model)"
+                )
+            out = out.reshape(batch, -1)
+            if out.shape[1] == 1:
+                probe = torch.ones_like(out)
+            else:
+                probe = torch.nn.functional.normalize(torch.randn_like(out, dtype=torch.float32))
+                probe = probe.to(out.dtype)
+            (grad,) = torch.autograd.grad(out, x, grad_outputs=probe, create_graph=True)
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            # at least float32 (bf16 gradients lose the norm's precision); float64 stays
+            wide = torch.promote_types(grad.dtype, torch.float32)
+            norm = torch.linalg.vector_norm(grad.reshape(batch, -1).to(wide), dim=1)
+            result = self.lam * self._shape_penalty(norm).mean()
+        self.last_grad_norm = norm.detach()
+        return result
+
+
+@register("lipschitz-penalty")
+class LipschitzPenalty(GradientPenalty):
+    """WGAN-LP (Petzka et al. 2018): the one-sided ``lam * mean_i max(0, ||grad||_2 - 1)^2``.
+
+    Same sampling and norm as :class:`GradientPenalty`; only gradients above 1 are penalized.
+    ``lam = 10`` (the paper keeps WGAN-GP's value).
+    """
+
+    name = "lipschitz-penalty"
+
+    def _shape_penalty(self, norm: torch.Tensor) -> torch.Tensor:
+        return torch.relu(norm - 1.0).square()
+
+
+@register("spectral-norm")
+class SpectralNorm(Constraint):
+    """Spectral normalization of every Linear/Conv/ConvTranspose layer: ``W -> W / sigma``.
+
+    ``mode="reshaped"`` (SN-GAN, Miyato et al. 2018): sigma of the reshaped kernel
+    ``(c_out, c_in k k)``; a conv layer's true operator norm can exceed 1.
+    ``mode="operator"``: sigma is the layer's operator norm, by power iteration on the conv
+    operator itself, so each layer is at most 1-Lipschitz (up to the power iteration's
+    convergence). A conv layer's input shape is learned at its first forward call (a forward
+    pre-hook); its weight cannot be read before that.
+
+    A torch parametrization (``torch.nn.utils.parametrize``): ``u`` and ``v`` are buffers in the
+    state_dict. 15 iterations at attach (torch's own SN does the same); one power-iteration step
+    (``n_power_iterations``, 1 in SN-GAN) per training step, on the first training-mode forward
+    after :meth:`after_step` (or after an in-place weight update by the optimizer); eval mode uses
+    u and v unchanged. Works under ``torch.no_grad()`` (sampling) and on generators (SAGAN uses
+    SN in G and D): give the generator its own instance; calling its ``after_step`` after the
+    generator's step is optional with non-fused optimizers, whose steps are detected.
+    """
+
+    name = "spectral-norm"
+
+    def __init__(
+        self,
+        n_power_iterations: int = 1,
+        mode: str = "reshaped",
+        init_iterations: int = 15,
+        eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        if mode not in ("reshaped", "operator"):
+            raise LipganError(f"spectral-norm mode must be 'reshaped' or 'operator', not {mode!r}")
+        if n_power_iterations < 1:
+            raise LipganError("n_power_iterations must be at least 1")
+        self.n_power_iterations = int(n_power_iterations)
+        self.mode = mode
+        self.init_iterations = int(init_iterations)
+        self.eps = eps
+
+    def attach(self, module: nn.Module) -> nn.Module:
+        found = _layers.weight_layers(module)
+        if not found:
+            raise LipganError("spectral-norm found no Linear/Conv layer in the module to normalize")
+        for layer in found:
+            _layers.spectral_norm(
+                layer, self.mode, self.n_power_iterations, self.init_iterations, self.eps
+            )
+        return module
+
+    def after_step(self, module: nn.Module) -> None:
+        for p in _layers.spectral_norm_parametrizations(module):
+            p.mark_stale()
+
+    def converge(self, module: nn.Module, max_iterations: int = 500, tol: float = 1e-6) -> None:
+        """Run every layer's power iteration to convergence (e.g. before certifying a bound)."""
+        _layers.converge_spectral_norms(module, max_iterations, tol)
+
+
+class _KeptPowerIteration:
+    """Power-iteration vectors kept per layer for the regularizers (not in the module)."""
+
+    def __init__(self) -> None:
+        self._state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @torch.no_grad()
+    def step(self, layer: nn.Module, iterations: int, init_iterations: int = 15) -> tuple:
+        """Advance ``iterations`` steps (``init_iterations`` the first time); return (u, v)."""
+        m = _layers.reshaped_weight(layer.weight.detach(), layer).float()
+        state = self._state.get(layer)
+        if state is None or state[0].shape[0] != m.shape[0] or state[0].device != m.device:
+            u = torch.nn.functional.normalize(torch.randn(m.shape[0], device=m.device), dim=0)
+            v = torch.nn.functional.normalize(m.t() @ u, dim=0)
+            iterations = max(iterations, init_iterations)
+        else:
+            u, v = state
+        for _ in range(iterations):
+            v = torch.nn.functional.normalize(m.t() @ u, dim=0)
+            u = torch.nn.functional.normalize(m @ v, dim=0)
+        self._state[layer] = (u, v)
+        return u, v
+
+
+@register("spectral-norm-reg")
+class SpectralNormRegularizer(Constraint):
+    """Spectral norm regularization (Yoshida & Miyato 2017): ``lam/2 * sum_l sigma_l^2``.
+
+    ``sigma_l = u^T W_mat v`` of each Linear/Conv layer's reshaped kernel (the paper reshapes a
+    conv kernel to ``b x a w h``), u and v from a power iteration kept between calls (one step
+    per penalty call, 15 at the first); the gradient flows through ``sigma_l`` with u, v fixed,
+    i.e. ``lam * sigma_l u v^T``. ``lam = 0.01``: the value Yoshida & Miyato report for their
+    spectral-norm runs. The vectors live in this object, not in the module's state_dict.
+    """
+
+    name = "spectral-norm-reg"
+
+    def __init__(self, lam: float = 0.01, n_power_iterations: int = 1) -> None:
+        super().__init__()
+        _check_positive("lam", lam)
+        self.lam = float(lam)
+        self.n_power_iterations = int(n_power_iterations)
+        self._power = _KeptPowerIteration()
+
+    def attach(self, module: nn.Module) -> nn.Module:
+        for layer in _layers.weight_layers(module):
+            self._power.step(layer, 0)
+        return module
+
+    def sigmas(self, module: nn.Module) -> list[torch.Tensor]:
+        """Differentiable ``sigma_l = u^T W_mat v`` of every layer, after one power step."""
+        out = []
+        for layer in _layers.weight_layers(module):
+            u, v = self._power.step(layer, self.n_power_iterations)
+            m = _layers.reshaped_weight(layer.weight, layer).float()
+            out.append(torch.dot(u, m @ v))
+        return out
+
+    def penalty(self, critic, real=None, fake=None):
+        sig = self.sigmas(critic)
+        if not sig:
+            return None
+        return 0.5 * self.lam * torch.stack(sig).square().sum()
+
+
+@register("frobenius-reg")
+class FrobeniusRegularizer(Constraint):
+    """``lam * sum_l ||W_l||_F^2`` over Linear/Conv weights (biases excluded).
+
+    ``||W||_F`` bounds the spectral norm, so this is the cheap Lipschitz bound; its gradient
+    ``2 lam W`` equals SGD weight decay ``2 lam`` (the ``l2`` method), which is the seed note's
+    "L2 regularization is the Frobenius bound". ``lam = 5e-5`` matches ``l2``'s 1e-4.
+    """
+
+    name = "frobenius-reg"
+
+    def __init__(self, lam: float = 5e-5) -> None:
+        super().__init__()
+        _check_positive("lam", lam)
+        self.lam = float(lam)
+
+    def penalty(self, critic, real=None, fake=None):
+        ws = [layer.weight for layer in _layers.weight_layers(critic)]
+        if not ws:
+            return None
+        return self.lam * sum(w.float().square().sum() for w in ws)
+
+
+@register("l2")
+class L2(Constraint):
+    """L2 regularization as the optimizer's weight decay: trainers add ``weight_decay`` to it.
+
+    For plain SGD (and torch's Adam, whose weight decay is added to the gradient) this equals
+    :class:`FrobeniusRegularizer` with ``lam = weight_decay / 2``, except that the optimizer
+    also decays biases. Default 1e-4 (He et al. 2016); no WGAN paper prescribes one.
+    """
+
+    name = "l2"
+
+    def __init__(self, weight_decay: float = 1e-4) -> None:
+        super().__init__()
+        _check_positive("weight_decay", weight_decay)
+        self.weight_decay = float(weight_decay)
+
+
+@register("bjorck")
+class Bjorck(Constraint):
+    """Exactly-1-Lipschitz critics after Anil, Lucas & Grosse 2019 ("Sorting out Lipschitz
+    function approximation"): Björck-orthonormalized Linear weights and GroupSort activations.
+
+    ``attach``: every Linear weight gets :class:`lipgan.layers.BjorckOrthonormal` (beta 0.5, 20
+    iterations, order 1: the LNets defaults); the paper covers dense layers only, so
+    convolutions get operator-norm spectral normalization (at most 1-Lipschitz, not gradient
+    norm preserving); ReLU-like activation modules become ``GroupSort(group_size)`` (MaxMin for
+    2). Activations called functionally in ``forward`` cannot be replaced (a warning says so).
+    """
+
+    name = "bjorck"
+
+    def __init__(
+        self, iters: int = 20, beta: float = 0.5, groupsort: bool = True, group_size: int = 2
+    ) -> None:
+        super().__init__()
+        self.iters = int(iters)
+        self.beta = float(beta)
+        self.groupsort = bool(groupsort)
+        self.group_size = int(group_size)
+        _layers.BjorckOrthonormal(self.iters, self.beta)  # validates the options
+
+    def attach(self, module: nn.Module) -> nn.Module:
+        from torch.nn.utils import parametrize
+
+        found = _layers.weight_layers(module)
+        if not found:
+            raise LipganError("bjorck found no Linear/Conv layer in the module")
+        for layer in found:
+            if parametrize.is_parametrized(layer, "weight"):
+                continue
+            if isinstance(layer, nn.Linear):
+                parametrize.register_parametrization(
+                    layer, "weight", _layers.BjorckOrthonormal(self.iters, self.beta)
+                )
+            else:
+                _layers.spectral_norm(layer, mode="operator")
+        if self.groupsort and _layers.groupsort_activations(module, self.group_size) == 0:
+            warnings.warn(
+                "bjorck: no activation module to replace by GroupSort; ReLU-like activations "
+                "lose expressiveness under norm-constrained weights (Anil et al. 2019)",
+                stacklevel=2,
+            )
+        return module
+
+    def after_step(self, module: nn.Module) -> None:
+        for p in _layers.spectral_norm_parametrizations(module):
+            p.mark_stale()
+
+    def converge(self, module: nn.Module, max_iterations: int = 500, tol: float = 1e-6) -> None:
+        """Converge the convolutions' operator-norm power iterations (see SpectralNorm)."""
+        _layers.converge_spectral_norms(module, max_iterations, tol)

@@ -1,0 +1,458 @@
+"""Layer-level building blocks of the Lipschitz methods.
+
+- :class:`SpectralNormParametrization` and :func:`spectral_norm`: ``W -> W / sigma(W)`` as a
+  ``torch.nn.utils.parametrize`` parametrization, with sigma either the reshaped-kernel norm of
+  SN-GAN (Miyato et al. 2018) or the layer's true operator norm (power iteration on the conv
+  operator itself). The power-iteration vectors ``u`` and ``v`` are buffers (in the state_dict).
+- :func:`bjorck_orthonormalize`, :class:`BjorckOrthonormal` and :class:`BjorckLinear`: weights
+  made orthonormal by Björck iterations (Anil, Lucas & Grosse 2019, "Sorting out Lipschitz
+  function approximation").
+- :class:`GroupSort`: the gradient-norm-preserving activation of the same paper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lipgan.errors import LipganError
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: layers whose ``weight`` the methods constrain
+WEIGHT_LAYERS = (nn.Linear, *_CONV, *_CONV_T)
+
+
+def weight_layers(module: nn.Module) -> list[nn.Module]:
+    """Every Linear, Conv and ConvTranspose layer of ``module`` (``module`` itself included)."""
+    return [m for m in module.modules() if isinstance(m, WEIGHT_LAYERS)]
+
+
+def reshaped_weight(weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """The kernel as the matrix SN-GAN normalizes: ``(c_out, c_in/groups * prod(k))``.
+
+    ConvTranspose stores its kernel as ``(c_in, c_out/groups, *k)``; its output channels are the
+    second dimension, as in torch's own spectral norm (``dim=1``).
+    """
+    if isinstance(layer, _CONV_T):
+        weight = weight.transpose(0, 1)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _unit(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / x.norm().clamp_min(eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Spectral normalization
+
+
+class SpectralNormParametrization(nn.Module):
+    """``W -> W / sigma`` with ``sigma = <u, A_W v>`` from a kept power iteration.
+
+    ``mode="reshaped"`` (SN-GAN): ``A_W`` is the reshaped kernel ``W_mat`` (``c_out x c_in k k``),
+    ``u`` of shape ``(c_out,)``, ``v`` of shape ``(c_in k k,)``. ``mode="operator"``: ``A_W`` is
+    the linear map the layer applies (the convolution with its stride, padding, dilation and
+    groups), ``v`` an input-shaped and ``u`` an output-shaped tensor; its norm is the layer's
+    Lipschitz constant, which for convolutions differs from ``sigma(W_mat)``. For Linear layers
+    both modes are the same.
+
+    The input shape of a convolution is learned by a forward pre-hook on the layer at its first
+    forward call (15 power iterations then); the normalized weight cannot be read before that.
+    If a later input has another spatial shape, ``u`` and ``v`` are re-initialized for it.
+
+    Updates: in training mode the estimate advances ``n_power_iterations`` steps once per
+    training step, on the first forward after the step was marked stale, either by
+    :meth:`mark_stale` (``SpectralNorm.after_step`` calls it) or by an in-place change of the
+    weight (an optimizer step, detected by the tensor's version counter; fused optimizers do not
+    bump it, so trainers call ``after_step``). ``D(real)``, ``D(fake)`` and ``D(interpolates)`` in
+    one step therefore share one update. In eval mode ``u`` and ``v`` are used as they are.
+    The gradient flows through ``sigma = <u, A_W v>`` with ``u``, ``v`` held constant, as in
+    SN-GAN.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        mode: str = "reshaped",
+        n_power_iterations: int = 1,
+        init_iterations: int = 15,
+        eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        if mode not in ("reshaped", "operator"):
+            raise LipganError(f"spectral norm mode must be 'reshaped' or 'operator', not {mode!r}")
+        if n_power_iterations < 1:
+            raise LipganError("n_power_iterations must be at least 1")
+        if not isinstance(layer, WEIGHT_LAYERS):
+            raise LipganError(
+                f"spectral norm applies to Linear/Conv/ConvTranspose layers, not {type(layer)}"
+            )
+        self.mode = mode
+        self.n_power_iterations = n_power_iterations
+        self.init_iterations = init_iterations
+        self.eps = eps
+        self._transposed = isinstance(layer, _CONV_T)
+        # operator mode only matters for convolutions: a Linear's operator norm is sigma(W)
+        self._conv_operator = mode == "operator" and not isinstance(layer, nn.Linear)
+        if self._conv_operator and not isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            raise LipganError(
+                "operator-mode spectral norm supports Linear, Conv2d and ConvTranspose2d; use "
+                f"mode='reshaped' for {type(layer).__name__}"
+            )
+        self._stale = True
+        self._seen_version = -1
+        #: (C, H, W) of the conv input in operator mode, learned at the first forward
+        self.input_shape: tuple[int, ...] | None = None
+        weight = layer.weight.detach()
+        if self._conv_operator:
+            self._geometry = _conv_geometry(layer)
+            # shapes unknown until the first forward (see the pre-hook); empty until then
+            self.register_buffer("_u", weight.new_empty(0))
+            self.register_buffer("_v", weight.new_empty(0))
+            layer.register_forward_pre_hook(self._learn_input_shape)
+            self._register_load_state_dict_pre_hook(self._resize_on_load)
+        else:
+            w = reshaped_weight(weight, layer).float()
+            gen_u = torch.randn(w.shape[0], device=w.device)
+            self.register_buffer("_u", _unit(gen_u, eps))
+            self.register_buffer("_v", _unit(w.t() @ self._u, eps))
+            with torch.no_grad():
+                self._power(weight, init_iterations)
+
+    # -- state ------------------------------------------------------------------------------
+    def mark_stale(self) -> None:
+        """Let the next training-mode forward advance the power iteration."""
+        self._stale = True
+
+    def _learn_input_shape(self, layer: nn.Module, args: tuple) -> None:
+        shape = tuple(args[0].shape[-3:])
+        if shape != self.input_shape:
+            self.input_shape = shape
+            weight = _original_weight(layer).detach().float()
+            with torch.no_grad():
+                self._v = _unit(torch.randn((1, *shape), device=weight.device), self.eps)
+                self._u = _unit(self._apply_op(self._v, weight), self.eps)
+                self._power(weight, self.init_iterations)
+                # The top singular values of a conv operator cluster (many frequencies close
+                # to the largest), so 15 steps leave sigma a few percent low; converge once here.
+                self.converge(weight)
+            self._stale = True
+
+    @torch.no_grad()
+    def converge(self, weight: torch.Tensor, max_iterations: int = 500, tol: float = 1e-6) -> float:
+        """Iterate until sigma changes by less than ``tol`` (relative) over 10 steps.
+
+        Run at the first forward in operator mode; call it before certifying a trained network
+        (``SpectralNorm.converge``). ``weight``: the layer's unnormalized weight. Returns sigma.
+        """
+        last = float(self.sigma(weight))
+        for _ in range(0, max_iterations, 10):
+            self._power(weight, 10)
+            sig = float(self.sigma(weight))
+            if abs(sig - last) <= tol * abs(sig):
+                break
+            last = sig
+        return sig
+
+    def _resize_on_load(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Lazily shaped buffers: take the saved shape so a fresh layer loads a trained one.
+        for name in ("_u", "_v"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        saved_v = state_dict.get(prefix + "_v")
+        if saved_v is not None and saved_v.numel() > 0:
+            self.input_shape = tuple(saved_v.shape[1:])
+
+    # -- maths ------------------------------------------------------------------------------
+    def _operator(self, weight: torch.Tensor, v: torch.Tensor, n_iter: int):
+        """lipgan.norms' power iteration on the conv operator: (||A_W v'||, v') after n_iter."""
+        from lipgan import norms
+
+        g = self._geometry
+        return norms.conv_power_iteration(
+            weight,
+            self.input_shape,
+            stride=g["stride"],
+            padding=g["padding"],
+            dilation=g["dilation"],
+            groups=g["groups"],
+            transposed=g["transposed"],
+            u=v,
+            n_iter=n_iter,
+            output_padding=g["output_padding"],
+            padding_mode=g["padding_mode"],
+            eps=self.eps,
+        )
+
+    def _apply_op(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        from lipgan import norms
+
+        return norms._apply_conv(v, weight, self._spec())
+
+    def _spec(self) -> dict:
+        g = self._geometry
+        spec = {k: g[k] for k in ("stride", "dilation", "groups", "transposed", "padding_mode")}
+        if g["transposed"]:
+            spec.update(padding=g["padding"], output_padding=g["output_padding"])
+        else:
+            spec["pads"] = g["padding"]
+        return spec
+
+    def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._transposed:
+            weight = weight.transpose(0, 1)
+        return weight.reshape(weight.shape[0], -1)
+
+    @torch.no_grad()
+    def _power(self, weight: torch.Tensor, iterations: int) -> None:
+        """``iterations`` steps of v <- A^T u / |A^T u|, u <- A v / |A v| on the kept u, v."""
+        w = weight.detach().float()
+        u, v = self._u.float(), self._v.float()
+        if self._conv_operator:
+            if iterations > 0:
+                _, v = self._operator(w, v, iterations)
+            u = _unit(self._apply_op(v, w), self.eps)
+        else:
+            m = self._matrix(w)
+            for _ in range(iterations):
+                v = _unit(m.t() @ u, self.eps)
+                u = _unit(m @ v, self.eps)
+        self._u.copy_(u)
+        self._v.copy_(v)
+
+    def sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """``<u, A_W v>`` in float32, differentiable in ``weight`` (u, v constant)."""
+        u, v = self._u.float(), self._v.float()
+        if torch.is_grad_enabled():
+            # the buffers are updated in place at the next step, possibly before this backward
+            u, v = u.clone(), v.clone()
+        w = weight.float()
+        if self._conv_operator:
+            # = <u, A_W v> with u = A v / |A v| kept; differentiable in the weight
+            return self._operator(w, v, 0)[0]
+        return torch.dot(u, self._matrix(w) @ v)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._conv_operator and self.input_shape is None:
+            raise LipganError(
+                "operator-mode spectral norm learns a conv layer's input shape at its first "
+                "forward call: run one forward pass before reading the weight"
+            )
+        # autocast would run the matvecs in bf16; sigma must be float32
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            if self.training:
+                version = -2 if torch.compiler.is_compiling() else weight._version
+                if self._stale or (version >= 0 and version != self._seen_version):
+                    self._power(weight, self.n_power_iterations)
+                    self._stale = False
+                    self._seen_version = version
+            sigma = self.sigma(weight).clamp_min(self.eps)
+        return weight / sigma.to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, n_power_iterations={self.n_power_iterations}"
+
+
+def _original_weight(layer: nn.Module) -> torch.Tensor:
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations.weight.original
+    return layer.weight
+
+
+def _conv_geometry(layer: nn.Module) -> dict:
+    transposed = isinstance(layer, _CONV_T)
+    if transposed:
+        padding = tuple(layer.padding)
+    else:
+        # (top, bottom, left, right), also right for padding="same" with even kernels
+        lw, rw, th, bh = (int(p) for p in layer._reversed_padding_repeated_twice)
+        padding = (th, bh, lw, rw)
+    return {
+        "transposed": transposed,
+        "stride": tuple(layer.stride),
+        "padding": padding,
+        "dilation": tuple(layer.dilation),
+        "groups": layer.groups,
+        "output_padding": tuple(getattr(layer, "output_padding", (0, 0))),
+        "padding_mode": layer.padding_mode,
+    }
+
+
+def spectral_norm(
+    layer: nn.Module,
+    mode: str = "reshaped",
+    n_power_iterations: int = 1,
+    init_iterations: int = 15,
+    eps: float = 1e-12,
+) -> nn.Module:
+    """Register ``W -> W / sigma`` on ``layer.weight`` (see :class:`SpectralNormParametrization`).
+
+    Example::
+
+        conv = spectral_norm(nn.Conv2d(1, 64, 5, 2, 2), mode="operator")
+        conv(torch.randn(8, 1, 28, 28))   # learns the input shape (1, 28, 28)
+    """
+    if parametrize.is_parametrized(layer, "weight"):
+        for p in layer.parametrizations.weight:
+            if isinstance(p, SpectralNormParametrization):
+                return layer  # already normalized: attaching twice would divide twice
+    param = SpectralNormParametrization(layer, mode, n_power_iterations, init_iterations, eps)
+    # unsafe: in operator mode the parametrization cannot run before the input shape is known
+    parametrize.register_parametrization(layer, "weight", param, unsafe=True)
+    return layer
+
+
+def converge_spectral_norms(module: nn.Module, max_iterations: int = 500, tol: float = 1e-6):
+    """:meth:`SpectralNormParametrization.converge` on every normalized layer of ``module``.
+
+    Operator-mode layers that have not seen an input yet are skipped (their shape is unknown).
+    """
+    for layer in module.modules():
+        if not parametrize.is_parametrized(layer, "weight"):
+            continue
+        for p in layer.parametrizations.weight:
+            if isinstance(p, SpectralNormParametrization) and not (
+                p._conv_operator and p.input_shape is None
+            ):
+                p.converge(layer.parametrizations.weight.original, max_iterations, tol)
+
+
+def spectral_norm_parametrizations(module: nn.Module) -> list[SpectralNormParametrization]:
+    """The spectral-norm parametrizations inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, SpectralNormParametrization)]
+
+
+# --------------------------------------------------------------------------------------------
+# Björck orthonormalization and GroupSort (Anil, Lucas & Grosse 2019)
+
+
+def _safe_scale(weight: torch.Tensor) -> torch.Tensor:
+    """An upper bound on sigma(W): min(||W||_F, sqrt(||W||_1 ||W||_inf)).
+
+    Dividing by it puts every singular value in (0, 1]; the order-1 Björck map
+    s -> (1 + b) s - b s^3 (b = 1/2) is increasing on [0, 1] and fixes 1, so every iterate keeps
+    its singular values in (0, 1]: the layer is at most 1-Lipschitz after any number of steps.
+    """
+    fro = weight.norm()
+    one = weight.abs().sum(0).max()
+    inf = weight.abs().sum(1).max()
+    return torch.minimum(fro, (one * inf).sqrt()).clamp_min(1e-12)
+
+
+def bjorck_orthonormalize(weight: torch.Tensor, iters: int = 20, beta: float = 0.5) -> torch.Tensor:
+    """Björck & Bowie (1971) order-1 iteration ``W <- (1 + beta) W - beta W W^T W``.
+
+    ``weight``: ``(m, n)``; returns the nearest (semi-)orthonormal matrix's approximation, all
+    singular values in (0, 1] and tending to 1. Differentiable. Works on the smaller Gram
+    matrix (``m x m`` or ``n x n``).
+    """
+    w = weight / _safe_scale(weight)
+    rows = w.shape[0] <= w.shape[1]
+    for _ in range(iters):
+        if rows:
+            w = (1 + beta) * w - beta * (w @ w.t()) @ w
+        else:
+            w = (1 + beta) * w - beta * w @ (w.t() @ w)
+    return w
+
+
+class BjorckOrthonormal(nn.Module):
+    """Parametrization ``W -> bjorck_orthonormalize(W)`` for a Linear weight ``(out, in)``.
+
+    Defaults beta 0.5, 20 iterations, order 1: Anil et al.'s LNets ``BjorckLinear``. The same
+    number of iterations runs in train and eval mode, so the critic is one function.
+    """
+
+    def __init__(self, iters: int = 20, beta: float = 0.5) -> None:
+        super().__init__()
+        if iters < 1:
+            raise LipganError("Björck needs at least one iteration")
+        if not 0 < beta <= 0.5:
+            raise LipganError("Björck beta must lie in (0, 0.5] for the iteration to converge")
+        self.iters = iters
+        self.beta = beta
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            w = bjorck_orthonormalize(weight.float(), self.iters, self.beta)
+        return w.to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"iters={self.iters}, beta={self.beta}"
+
+
+class BjorckLinear(nn.Linear):
+    """A Linear layer whose weight is Björck-orthonormalized at every use: ``||W||_2 <= 1``.
+
+    ``x (..., in) -> x W^T + b`` with ``W`` (semi-)orthonormal, so the layer is 1-Lipschitz and
+    (for ``out >= in``) preserves gradient norms.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        iters: int = 20,
+        beta: float = 0.5,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        # orthogonal init: the iteration starts at its fixed point (LNets does the same)
+        nn.init.orthogonal_(self.weight)
+        parametrize.register_parametrization(self, "weight", BjorckOrthonormal(iters, beta))
+
+
+class GroupSort(nn.Module):
+    """Sort each group of ``group_size`` consecutive channels (along ``dim``), ascending.
+
+    ``(B, C, ...) -> (B, C, ...)``, ``C`` a multiple of ``group_size``. The map is a
+    data-dependent permutation: 1-Lipschitz and gradient-norm preserving. ``group_size=2`` is
+    MaxMin, the variant Anil et al. (2019) use for most experiments.
+    """
+
+    def __init__(self, group_size: int = 2, dim: int = 1) -> None:
+        super().__init__()
+        if group_size < 2:
+            raise LipganError("GroupSort group_size must be at least 2")
+        self.group_size = group_size
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.dim % x.dim()
+        c = x.shape[dim]
+        if c % self.group_size:
+            raise LipganError(
+                f"GroupSort({self.group_size}) needs a channel count divisible by "
+                f"{self.group_size}; got {c} channels (change the layer width)"
+            )
+        shape = (*x.shape[:dim], c // self.group_size, self.group_size, *x.shape[dim + 1 :])
+        g = x.reshape(shape)
+        if self.group_size == 2:
+            a, b = g.unbind(dim + 1)
+            # max/min is cheaper than a sort, and its gradient is the same permutation
+            out = torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim + 1)
+        else:
+            out = g.sort(dim=dim + 1).values
+        return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}, dim={self.dim}"
+
+
+def groupsort_activations(module: nn.Module, group_size: int = 2) -> int:
+    """Replace every ReLU-like activation module in ``module`` by :class:`GroupSort`.
+
+    Returns the number replaced. Output squashers (Tanh, Sigmoid) are left alone; activations
+    called functionally inside ``forward`` cannot be found and stay as they are.
+    """
+    kinds = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.PReLU, nn.CELU, nn.SELU)
+    count = 0
+    for parent in module.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kinds):
+                setattr(parent, name, GroupSort(group_size))
+                count += 1
+    return count
