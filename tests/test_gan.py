@@ -1,0 +1,402 @@
+"""The WGAN trainer: presets, losses, steps, run folders, resume, NaN handling, CLI."""
+
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from lipgan import constraints as C
+from lipgan import gan, runs
+from lipgan.errors import LipganError
+from lipgan.gan import PRESETS, GANTrainer, TrainConfig
+
+METHODS = ["wgan-clip", "wgan-gp", "wgan-lp", "sn", "snr", "frobenius", "l2", "sagan", "gan"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _write_idx(path: Path, arr: torch.Tensor) -> None:
+    dims = arr.shape
+    head = bytes([0, 0, 8, len(dims)]) + b"".join(int(d).to_bytes(4, "big") for d in dims)
+    path.write_bytes(head + arr.to(torch.uint8).numpy().tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny(mnist, tmp_path_factory):
+    """A folder of 256 real MNIST digits in the IDX layout (loads in milliseconds)."""
+    folder = tmp_path_factory.mktemp("tiny-mnist")
+    x, y = mnist.train_images[:256, 0], mnist.train_labels[:256]
+    for prefix in ("train", "t10k"):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte", x)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", y)
+    return str(folder)
+
+
+def _cfg(tiny, tmp_path, **kw):
+    base = dict(
+        dataset=tiny, width=4, batch_size=8, steps=4, out=str(tmp_path / "run"), quiet=True,
+        tensorboard=False, fid_every=-1, threads=1, log_every=1, lip_every=2, sample_every=2,
+        checkpoint_every=2, burnin_n_critic=3,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_presets_cover_the_contract_and_cite_sources():
+    assert sorted(PRESETS) == sorted(METHODS)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for preset in PRESETS.values():
+        assert set(preset) <= names
+        assert preset["constraint"] in C.available()
+    gp = gan.resolve(TrainConfig(method="wgan-gp"))
+    assert (gp.optimizer, gp.lr_d, gp.lr_g, gp.beta1, gp.beta2, gp.n_critic) == (
+        "adam", 1e-4, 1e-4, 0.5, 0.9, 5,
+    )  # fmt: skip
+    assert C.get(gp.constraint).lam == 10  # the paper's lambda comes from the constraint
+    clip = gan.resolve(TrainConfig(method="wgan-clip"))
+    assert (clip.optimizer, clip.lr_d, clip.n_critic) == ("rmsprop", 5e-5, 5)
+    assert (clip.burnin_steps, clip.burnin_n_critic, clip.burnin_every) == (25, 100, 500)
+    sg = gan.resolve(TrainConfig(method="sagan"))
+    assert (sg.loss, sg.lr_d, sg.lr_g, sg.constraint, sg.generator_constraint, sg.model) == (
+        "hinge", 4e-4, 1e-4, "spectral-norm", "spectral-norm", "sagan28",
+    )  # fmt: skip
+    assert gan.resolve(TrainConfig(method="gan")).loss == "ns"
+    # Every preset value is overridable; unset fields come from the preset.
+    over = gan.resolve(TrainConfig(method="wgan-gp", lr_d=3e-4, n_critic=2, model="mlp"))
+    assert (over.lr_d, over.lr_g, over.n_critic, over.width) == (3e-4, 1e-4, 2, 512)
+    src = Path(gan.__file__).read_text()
+    for cite in ("Arjovsky", "Gulrajani", "Petzka", "Miyato", "Yoshida", "Zhang", "Radford"):
+        assert cite in src
+
+
+def test_bad_config_values_are_lipgan_errors():
+    for kw in ({"method": "wgan-xx"}, {"loss": "l1"}, {"precision": "fp16"}, {"steps": 0},
+               {"on_nan": "ignore"}):  # fmt: skip
+        with pytest.raises(LipganError):
+            gan.resolve(TrainConfig(**kw))
+    with pytest.raises(LipganError, match="unknown config keys"):
+        TrainConfig.from_dict({"lr": 1})
+
+
+def test_wgan_clip_schedule():
+    t = GANTrainer(TrainConfig(method="wgan-clip", width=4, threads=1))
+    got = [t.n_critic_at(s) for s in (0, 24, 25, 26, 499, 500, 501, 1000)]
+    assert got == [100, 100, 5, 5, 5, 100, 5, 100]
+
+
+# --------------------------------------------------------------------------- losses and steps
+
+
+def test_losses_against_formulas():
+    r, f = torch.tensor([0.5, -2.0, 3.0]), torch.tensor([1.0, -0.5, 0.2])
+    L = gan.LOSSES
+    assert torch.isclose(L["wasserstein"].critic(r, f), f.mean() - r.mean())
+    assert torch.isclose(L["wasserstein"].generator(f), -f.mean())
+    hinge = sum(max(0, 1 - v) for v in r.tolist()) / 3 + sum(max(0, 1 + v) for v in f.tolist()) / 3
+    assert torch.isclose(L["hinge"].critic(r, f), torch.tensor(hinge))
+    sig = torch.sigmoid
+    ns = -(torch.log(sig(r)).mean() + torch.log(1 - sig(f)).mean())
+    assert torch.isclose(L["ns"].critic(r, f), ns)
+    assert torch.isclose(L["ns"].generator(f), -torch.log(sig(f)).mean())
+
+
+class LinearCritic(nn.Module):
+    """D(x) = <w, x>: its gradient is w everywhere, so every gradient norm is ||w||."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(784, 1, bias=False)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)).squeeze(1)
+
+
+def test_critic_step_wasserstein_and_graph_hygiene(tiny):
+    torch.manual_seed(0)
+    cfg = TrainConfig(method="wgan-gp", width=4, batch_size=8, threads=1, dataset=tiny)
+    t = GANTrainer(cfg, torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8))
+    real = t.batches.sample(8)[0]
+    fake = t.make_fakes(t.sample_z(8))
+    assert not fake.requires_grad and fake.grad_fn is None  # no generator graph
+    with torch.no_grad():
+        w_before = t.critic(real).mean() - t.critic(fake).mean()
+    g_before = [p.detach().clone() for p in t.generator.parameters()]
+    out = t.critic_step(real, fake)
+    torch.testing.assert_close(out["wasserstein"], w_before)
+    # loss_d = -W + penalty for the Wasserstein loss.
+    torch.testing.assert_close(out["loss_d"], -w_before + out["penalty"])
+    assert all(p.grad is None for p in t.generator.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(g_before, t.generator.parameters()))
+    # Generator step: the critic's weights neither change nor collect gradients.
+    d_before = [p.detach().clone() for p in t.critic.parameters()]
+    t.opt_d.zero_grad(set_to_none=True)
+    t.generator_step(t.sample_z(8))
+    assert all(p.grad is None for p in t.critic.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(d_before, t.critic.parameters()))
+    assert any(p.grad is not None for p in t.generator.parameters())
+    assert all(p.requires_grad for p in t.critic.parameters())
+
+
+def test_gradient_norms_against_a_linear_critic():
+    cfg = TrainConfig(method="wgan-gp", width=4, threads=1)
+    t = GANTrainer(cfg, critic=LinearCritic())
+    real = torch.rand(5, 1, 28, 28) * 2 - 1
+    norms = t.gradient_norms(real)
+    want = t.critic.lin.weight.norm()
+    for k in ("real", "fake", "interp"):
+        assert norms[k].shape == (5,)
+        torch.testing.assert_close(norms[k], want.expand(5))
+    # The penalty's own norms (reused for logging) agree: lam * mean((||w|| - 1)^2).
+    pen = t.constraint.penalty(t.critic, real, t.make_fakes(t.sample_z(5)))
+    torch.testing.assert_close(pen, 10 * (want - 1) ** 2)
+    torch.testing.assert_close(t.constraint.last_grad_norm, want.expand(5))
+
+
+def test_no_double_backward_compile_guard():
+    assert gan._needs_double_backward(C.get("gradient-penalty"))
+    assert gan._needs_double_backward(C.get("lipschitz-penalty"))
+    assert not gan._needs_double_backward(C.get("spectral-norm"))
+    assert not gan._needs_double_backward(C.get("none"))
+    assert gan._needs_double_backward(C.get(["spectral-norm", "gradient-penalty"]))
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_smoke_every_method(tiny, tmp_path, method):
+    path = gan.train(_cfg(tiny, tmp_path, method=method, steps=3))
+    run = runs.Run(path)
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for k in ("wasserstein", "loss_d", "loss_g", "penalty"):
+            assert r[k] is not None and abs(r[k]) < 1e6
+    assert rows[1]["gnorm_real_mean"] is not None and rows[1]["gnorm_interp_max"] is not None
+    assert (run.samples_dir / "last.png").is_file() and (
+        run.samples_dir / "step_000002.png"
+    ).is_file()
+    assert (path / "generator.safetensors").is_file() and (path / "critic.safetensors").is_file()
+    cfg = run.read_config()
+    assert set(cfg) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert None not in (cfg["lr_d"], cfg["loss"], cfg["constraint"], cfg["width"])
+    assert run.read_status()["state"] == "done"
+    g = runs.load_network(path, "generator")
+    assert g(torch.randn(2, g.z_dim)).shape == (2, 1, 28, 28)
+    ck = torch.load(run.last_checkpoint, weights_only=True)
+    assert ck["step"] == 3
+
+
+def test_bf16_and_tensorboard(tiny, tmp_path):
+    path = gan.train(_cfg(tiny, tmp_path, precision="bf16", tensorboard=True, steps=2))
+    rows = runs.Run(path).read_metrics()
+    assert all(abs(r["wasserstein"]) < 1e6 for r in rows)
+    assert any(f.name.startswith("events.") for f in (path / "tb").iterdir())
+
+
+def test_new_run_refuses_existing_folder(tiny, tmp_path):
+    gan.train(_cfg(tiny, tmp_path, steps=1))
+    with pytest.raises(LipganError, match="already holds a run"):
+        gan.train(_cfg(tiny, tmp_path, steps=1))
+
+
+@pytest.mark.parametrize("method", ["wgan-gp", "sn", "snr"])
+def test_resume_is_bit_identical(tiny, tmp_path, method):
+    kw = dict(method=method, lip_every=3, checkpoint_every=5)
+    a = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "a"), steps=8, **kw))
+    b = str(tmp_path / "b")
+    gan.train(_cfg(tiny, tmp_path, out=b, steps=5, **kw))
+    gan.train(_cfg(tiny, tmp_path, out=b, steps=8, **kw), resume=True)
+    sa = torch.load(Path(a) / "checkpoints/last.pt", weights_only=True)
+    sb = torch.load(Path(b) / "checkpoints/last.pt", weights_only=True)
+    for net in ("generator", "critic"):
+        for k, v in sa[net].items():
+            assert torch.equal(v, sb[net][k]), (net, k)
+    assert [r["step"] for r in runs.Run(b).read_metrics()] == list(range(1, 9))
+
+
+def test_measurements_do_not_change_training(tiny, tmp_path):
+    a = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "a"), method="sn", lip_every=1))
+    b = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "b"), method="sn", lip_every=0,
+                       sample_every=0))  # fmt: skip
+    sa = torch.load(Path(a) / "checkpoints/last.pt", weights_only=True)["critic"]
+    sb = torch.load(Path(b) / "checkpoints/last.pt", weights_only=True)["critic"]
+    assert all(torch.equal(v, sb[k]) for k, v in sa.items())
+
+
+class NaNAt(C.Constraint):
+    """A gradient penalty that returns NaN at the given critic-step calls."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.inner = C.get("gradient-penalty")
+        self.bad, self.calls = set(bad), 0
+
+    def penalty(self, critic, real, fake=None):
+        self.calls += 1
+        p = self.inner.penalty(critic, real, fake)
+        return p * float("nan") if self.calls in self.bad else p
+
+
+def test_nan_stops_with_step_and_checkpoint(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path, steps=6, n_critic=1)
+    with pytest.raises(LipganError) as err:
+        gan.train(cfg, constraint=NaNAt({4}))
+    msg = str(err.value)
+    assert "generator step 4" in msg and "last.pt" in msg and "(step 2)" in msg
+    status = runs.Run(cfg.out).read_status()
+    assert status["state"] == "failed" and "step 4" in status["reason"]
+
+
+def test_nan_rollback_lowers_lr_and_finishes(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path, steps=6, n_critic=1, on_nan="rollback")
+    path = gan.train(cfg, constraint=NaNAt({4}))
+    run = runs.Run(path)
+    assert run.read_status()["state"] == "done"
+    ck = torch.load(run.last_checkpoint, weights_only=True)
+    assert ck["lr_scale"] == 0.5
+    assert ck["opt_d"]["param_groups"][0]["lr"] == pytest.approx(0.5 * 1e-4)
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_bad_checkpoints_leave_the_run_untouched(tiny, tmp_path):
+    from test_runs import _Evil, _snapshot
+
+    cfg = _cfg(tiny, tmp_path, out=str(tmp_path / "r"), steps=2)
+    path = gan.train(cfg)
+    other = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "o"), steps=1, model="mlp",
+                           width=8))  # fmt: skip
+    last = path / "checkpoints/last.pt"
+    good = last.read_bytes()
+    target = tmp_path / "pwned"
+    cases = {
+        "truncated": good[: len(good) // 3],
+        "other model": (other / "checkpoints/last.pt").read_bytes(),
+    }
+    torch.save({"format": runs.CHECKPOINT_FORMAT, "x": _Evil(str(target))}, tmp_path / "evil.pt")
+    cases["malicious"] = (tmp_path / "evil.pt").read_bytes()
+    expect = {"truncated": "truncated", "other model": "another model", "malicious": "refused"}
+    for name, data in cases.items():
+        last.write_bytes(data)
+        before = _snapshot(path)
+        with pytest.raises(LipganError, match=expect[name]):
+            gan.train(cfg.replace(steps=4), resume=True)
+        assert _snapshot(path) == before, name
+        assert not target.exists()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_config_precedence_and_sample(tiny, tmp_path, capsys):
+    from lipgan.cli import main
+
+    yml = tmp_path / "c.yaml"
+    yml.write_text(yaml.safe_dump({"method": "wgan-lp", "lr_d": 3e-4, "steps": 2, "width": 4}))
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(yml), "--lr-d", "2e-4", "--dataset", tiny, "--out", str(out),
+            "--batch-size", "8", "--quiet", "--no-tensorboard", "--fid-every", "-1",
+            "--threads", "1", "--constraint-option", "lam=5"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert (cfg["method"], cfg["lr_d"], cfg["lr_g"], cfg["steps"]) == ("wgan-lp", 2e-4, 1e-4, 2)
+    assert cfg["constraint_options"] == {"lam": 5}
+    # Resume with more steps through the CLI.
+    assert main(["train", "--resume", str(out), "--steps", "3"]) == 0
+    assert runs.Run(out).read_status()["step"] == 3
+    grid = tmp_path / "g.png"
+    assert main(["sample", str(out), "--n", "6", "--out", str(grid), "--nrow", "3"]) == 0
+    from lipgan.image import read_png
+
+    assert read_png(grid).shape == (2 * 30 + 2, 3 * 30 + 2)
+    assert main(["sample", str(out), "--n", "8", "--out", str(grid), "--interpolate"]) == 0
+    assert read_png(grid).shape[1] == 3 * 30 + 2  # rows of round(sqrt(8)) = 3 steps
+    assert main(["train", "--method", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
+def test_help_explains_the_sign(capsys):
+    from lipgan.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "E[D(real)] - E[D(fake)]" in text and "-W" in text and "--lr-d" in text
+
+
+# --------------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_short_real_mnist_run(tmp_path, method, artifacts_dir):
+    cfg = TrainConfig(method=method, width=16, steps=40, batch_size=32, out=str(tmp_path / "r"),
+                      quiet=True, tensorboard=False, fid_every=-1, log_every=5, lip_every=20,
+                      sample_every=20, burnin_n_critic=10, threads=2)  # fmt: skip
+    path = gan.train(cfg)
+    rows = runs.Run(path).read_metrics()
+    assert len(rows) == 8
+    for r in rows:
+        for k, v in r.items():
+            assert v is None or v == v and abs(v) != float("inf"), (k, v)
+    grid = path / "samples" / "last.png"
+    assert grid.is_file()
+    import shutil
+
+    shutil.copy(grid, Path(artifacts_dir) / f"smoke-{method}.png")
+
+
+def _train_cmd(out, steps):
+    return [sys.executable, "-m", "lipgan", "train", "--method", "wgan-gp", "--width", "8",
+            "--batch-size", "16", "--steps", str(steps), "--out", str(out), "--quiet",
+            "--no-tensorboard", "--fid-every", "-1", "--checkpoint-every", "3", "--log-every",
+            "2", "--lip-every", "5", "--threads", "1"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_bit_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 24
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(ref, steps), check=True, env=env, capture_output=True)
+    want = torch.load(ref / "checkpoints/last.pt", weights_only=True)
+    t_full = runs.Run(ref).read_status()["wall_s"] + 2.5  # start-up included roughly
+    rng = random.Random(1234)
+    for trial in range(3):
+        out = tmp_path / f"k{trial}"
+        proc = subprocess.Popen(_train_cmd(out, steps), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(rng.uniform(1.0, t_full))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        subprocess.run(_train_cmd(out, steps) + ["--resume", str(out)], check=True, env=env,
+                       capture_output=True)  # fmt: skip
+        got = torch.load(out / "checkpoints/last.pt", weights_only=True)
+        assert got["step"] == steps
+        for net in ("generator", "critic", "opt_d", "opt_g"):
+            if net.startswith("opt"):
+                for pid, st in want[net]["state"].items():
+                    for k, v in st.items():
+                        assert torch.equal(v, got[net]["state"][pid][k]), (trial, net, k)
+                continue
+            for k, v in want[net].items():
+                assert torch.equal(v, got[net][k]), (trial, net, k)
+        assert [r["step"] for r in runs.Run(out).read_metrics()] == list(range(2, steps + 1, 2))

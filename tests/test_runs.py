@@ -1,0 +1,190 @@
+"""Run folders: checkpoints (atomic, weights_only, clear refusals), safetensors export, CSVs."""
+
+import csv
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from lipgan import constraints as C
+from lipgan import models, runs
+from lipgan.errors import LipganError
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes: 'unchanged' means equal snapshots."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = fh.read()
+    return out
+
+
+def test_checkpoint_roundtrip_weights_only(tmp_path):
+    net = models.build("critic", "dcgan28", width=4)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(2, 1, 28, 28)).sum().backward()
+    opt.step()
+    state = {
+        "step": 7,
+        "critic": net.state_dict(),
+        "opt": opt.state_dict(),
+        "rng": torch.get_rng_state(),
+        "py": [3, [1, 2, 3], None],
+    }
+    path = runs.save_checkpoint(tmp_path / "c" / "last.pt", state)
+    assert sorted(os.listdir(path.parent)) == ["last.pt"]  # no temporary file left
+    # A plain torch.load with weights_only=True reads it (the contract for other tools).
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == runs.CHECKPOINT_FORMAT and raw["step"] == 7
+    back = runs.load_checkpoint(path)
+    for k, v in net.state_dict().items():
+        assert torch.equal(back["critic"][k], v)
+    assert torch.equal(back["rng"], state["rng"])
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = runs.save_checkpoint(tmp_path / "last.pt", {"w": torch.randn(1000)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LipganError, match="truncated or corrupt"):
+        runs.load_checkpoint(path)
+    path.write_bytes(b"")
+    with pytest.raises(LipganError, match="truncated or corrupt"):
+        runs.load_checkpoint(path)
+
+
+class _Evil:
+    """Unpickling this would create a file (a stand-in for arbitrary code)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_pickle_is_refused_and_not_run(tmp_path):
+    target = tmp_path / "pwned"
+    path = tmp_path / "last.pt"
+    # Both the legacy pickle format and torch's zip format.
+    for writer in ("pickle", "torch"):
+        if writer == "pickle":
+            path.write_bytes(pickle.dumps({"format": runs.CHECKPOINT_FORMAT, "x": _Evil(target)}))
+        else:
+            torch.save({"format": runs.CHECKPOINT_FORMAT, "x": _Evil(str(target))}, path)
+        assert not target.exists()
+        with pytest.raises(LipganError, match="nothing from it was executed"):
+            runs.load_checkpoint(path)
+        assert not target.exists()
+
+
+def test_foreign_files_are_refused(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"weights": torch.ones(2)}, path)
+    with pytest.raises(LipganError, match="not a lipgan checkpoint"):
+        runs.load_checkpoint(path)
+    with pytest.raises(LipganError, match="no such checkpoint"):
+        runs.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_export_folds_spectral_norm_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    critic = C.get("spectral-norm").attach(models.build("critic", "dcgan28", width=4))
+    x = torch.randn(3, 1, 28, 28)
+    critic.train()
+    for _ in range(3):  # move the power iteration along
+        critic(x)
+    critic.eval()
+    want = critic(x)
+    path = runs.export_network(
+        critic, tmp_path / "critic.safetensors", "critic", "dcgan28", {"width": 4}
+    )
+    net = runs.load_network(path)
+    assert type(net).__name__ == "Critic" and not net.training
+    torch.testing.assert_close(net(x), want)
+    # The exported weight is W / sigma: its reshaped top singular value is ~1.
+    w = net[0].weight.detach().reshape(4, -1)
+    assert abs(torch.linalg.matrix_norm(w, ord=2).item() - 1.0) < 0.05
+    # The source module still works (folding must not strip its parametrization).
+    critic.train()
+    critic(x)
+    # Metadata is what the contract says.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["lipgan_kind"] == "critic" and meta["lipgan_model"] == "dcgan28"
+    assert json.loads(meta["lipgan_kwargs"]) == {"width": 4}
+
+
+def test_load_network_from_run_folder_and_errors(tmp_path):
+    g = models.build("generator", "dcgan28", width=4)
+    runs.export_network(
+        g, tmp_path / "generator.safetensors", "generator", "dcgan28", {"width": 4, "z_dim": 128}
+    )
+    net = runs.load_network(tmp_path, "generator")
+    z = torch.randn(2, 128)
+    torch.testing.assert_close(net(z), g.eval()(z))
+    with pytest.raises(LipganError, match="no critic.safetensors"):
+        runs.load_network(tmp_path, "critic")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(LipganError, match="no lipgan metadata"):
+        runs.load_network(tmp_path / "plain.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(LipganError):
+        runs.load_network(tmp_path / "bad.safetensors")
+
+
+def test_metrics_csv_columns_and_truncation(tmp_path):
+    run = runs.Run(tmp_path / "r").create({"method": "x"})
+    for s in (10, 20, 30):
+        run.log_metrics({"step": s, "wasserstein": s / 10, "loss_d": -s / 10})
+    run.log_layer_norms(20, [("0", 1.5, 1.0), ("2", 2.0, None)])
+    run.close_logs()
+    with open(run.metrics_path, "a") as fh:
+        fh.write("40,1.0,0.5")  # a torn row, as a kill mid-write leaves
+    with open(run.metrics_path) as fh:
+        header = next(csv.reader(fh))
+    assert header == [
+        "step", "time_s", "wasserstein", "loss_d", "loss_g", "penalty",
+        "gnorm_real_mean", "gnorm_real_max", "gnorm_fake_mean", "gnorm_fake_max",
+        "gnorm_interp_mean", "gnorm_interp_max", "product_bound", "fid", "ms_per_step",
+    ]  # fmt: skip
+    run.truncate_logs(20)
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows] == [10, 20]
+    assert rows[1]["wasserstein"] == 2.0 and rows[1]["loss_g"] is None
+    with open(run.layer_norms_path) as fh:
+        lrows = list(csv.reader(fh))
+    assert lrows == [["step", "layer", "operator_norm", "reshaped_norm"],
+                     ["20", "0", "1.5", "1.0"], ["20", "2", "2.0", ""]]  # fmt: skip
+    with pytest.raises(ValueError):
+        run.log_metrics({"bogus": 1})
+
+
+def test_run_folder_basics(tmp_path):
+    run = runs.Run(tmp_path / "r").create({"method": "wgan-gp", "steps": 5})
+    assert run.read_config() == {"method": "wgan-gp", "steps": 5}
+    with pytest.raises(LipganError, match="already holds a run"):
+        runs.Run(tmp_path / "r").create({})
+    run.write_status("running", 3, 5, 1.25)
+    assert run.read_status() == {
+        "state": "running", "reason": None, "step": 3, "steps": 5, "wall_s": 1.25
+    }  # fmt: skip
+    path = run.save_samples(3, torch.zeros(4, 1, 28, 28))
+    assert path.name == "step_000003.png" and (run.samples_dir / "last.png").is_file()
+    (run.checkpoints_dir).mkdir()
+    (run.checkpoints_dir / ".last.pt.abc.part").write_bytes(b"x")
+    run.remove_partials()
+    assert list(run.checkpoints_dir.iterdir()) == []
+    before = _snapshot(run.path)
+    with pytest.raises(LipganError):
+        runs.Run(tmp_path / "nothing").read_config()
+    assert _snapshot(run.path) == before
