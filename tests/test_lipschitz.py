@@ -222,3 +222,29 @@ def test_group_sort_by_name_is_one_lipschitz():
     check_bracket(rep)
     prod = math.prod(float(torch.linalg.matrix_norm(net[i].weight.double(), ord=2)) for i in (0, 2))
     assert rep.upper["operator_product"] == pytest.approx(prod, rel=1e-9)
+
+
+def test_cli_on_exported_network_and_run_folder(tmp_path, capsys):
+    import json
+
+    runs = pytest.importorskip("lipgan.runs", reason="runs not available")
+    from lipgan import models
+    from lipgan.cli import main
+
+    net = models.build("critic", "dcgan28", width=4)
+    (tmp_path / "run").mkdir()
+    runs.export_network(
+        net, tmp_path / "run" / "critic.safetensors", "critic", "dcgan28", {"width": 4}
+    )
+    runs.export_network(net, tmp_path / "c.safetensors", "critic", "dcgan28", {"width": 4})
+    args = ["--samples", "2", "--lipsdp-time", "0.2"]
+    assert main(["lipschitz", str(tmp_path / "c.safetensors"), "--json", *args]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["best_lower"] <= rep["best_upper"]
+    assert rep["upper"]["merged_segments"] <= rep["upper"]["operator_product"]
+    assert [r["type"] for r in rep["layers"]][0] == "Conv2d"
+    assert main(["lipschitz", str(tmp_path / "run"), "--input-shape", "1,28,28", *args]) == 0
+    text = capsys.readouterr().out
+    assert "operator_product" in text and "gap" in text
+    assert main(["lipschitz", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
