@@ -367,7 +367,7 @@ def _colors(methods: Sequence[str]) -> dict[str, str]:
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
-def _plot_series(ax, runs_by_method, colors, y_of, *, marker: str | None = None) -> int:
+def _plot_series(ax, runs_by_method, colors, y_of, *, marker: str = "o") -> int:
     """One line per run, one colour per method, seeds told apart by line style. Returns how many
     runs had at least one point."""
     styles = ("-", "--", ":", "-.")
@@ -387,6 +387,7 @@ def _plot_series(ax, runs_by_method, colors, y_of, *, marker: str | None = None)
                 y[ok],
                 color=colors[method],
                 linestyle=styles[i % len(styles)],
+                # markers only on short series, where a line alone may be a single invisible point
                 marker=marker if ok.sum() < 30 else None,
                 markersize=3,
                 linewidth=1.2,
@@ -454,7 +455,7 @@ def plot_lipschitz(runs_by_method, colors) -> str:
             if not len(t):
                 continue
             for y, style, marker in (
-                (run.max_grad_norm(), "-", None),
+                (run.max_grad_norm(), "-", "o"),
                 (run.column("product_bound"), ":", "s"),
             ):
                 ok = np.isfinite(t) & np.isfinite(y) & (y > 0)
@@ -465,7 +466,8 @@ def plot_lipschitz(runs_by_method, colors) -> str:
                     y[ok],
                     color=colors[method],
                     linestyle=style,
-                    marker=marker,
+                    # dots on a short solid series, so that a single point still shows
+                    marker=marker if style == ":" or ok.sum() < 30 else None,
                     markersize=3,
                     linewidth=1.2,
                     alpha=1.0 if i == 0 else 0.55,

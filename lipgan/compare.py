@@ -1,0 +1,465 @@
+"""Compare Lipschitz methods side by side: train every method x seed, evaluate, report.
+
+`run_compare(CompareConfig(...))` fills one folder::
+
+    OUT/compare.json            what was asked (methods, seeds, budget or steps, training flags)
+    OUT/runs/<method>-seed<k>/  one run folder per method and seed (the lipgan.runs layout)
+    OUT/results.csv             one row per run: state, steps, time per step, bounds, eval.json
+    OUT/report.html             the lipgan.report page of all runs
+
+Every run gets the same budget: the same wall-clock time (``budget_s``, the fair comparison when
+methods differ in cost per step, as a gradient penalty's double backward does) or the same number
+of generator steps (``steps``). Each finished run is scored by ``lipgan.metrics.evaluate`` on
+``eval_n`` generated samples (same latent seed for every run) against the test set.
+
+Running it again on the same folder resumes: a run whose status.json says ``done`` is kept, one
+that was interrupted (``running``) resumes from its last checkpoint with what is left of its
+budget, a missing one is trained; a ``failed`` run (a non-finite loss) is kept and reported with
+its reason, unless ``retry_failed`` moves it aside and trains it again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lipgan.errors import LipganError
+
+#: The methods compared by default: one per way of making the critic Lipschitz, plus the
+#: unconstrained non-saturating GAN as the control (sagan differs in architecture and loss too,
+#: and l2 is weight decay; both can be added with ``methods``).
+DEFAULT_METHODS = ("wgan-clip", "wgan-gp", "wgan-lp", "sn", "snr", "frobenius", "gan")
+
+#: Training flags passed on to every run unchanged (None: the trainer's default).
+TRAIN_FLAGS = ("model", "width", "batch_size", "device", "precision", "dataset")
+
+
+@dataclass
+class CompareConfig:
+    """What to compare. Exactly one of ``budget_s`` and ``steps`` bounds each run."""
+
+    out: str
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: int = 2
+    budget_s: float | None = None
+    steps: int | None = None
+    model: str | None = None
+    width: int | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    precision: str | None = None
+    dataset: str | None = None
+    #: other TrainConfig fields for every run (e.g. {"threads": 1, "fid_every": 500})
+    train_options: dict = field(default_factory=dict)
+    eval_n: int = 10000
+    evaluate: bool = True
+    retry_failed: bool = False
+    quiet: bool = False
+
+    def train_flags(self) -> dict:
+        """Every TrainConfig field compare sets the same for all runs."""
+        flags = {k: getattr(self, k) for k in TRAIN_FLAGS if getattr(self, k) is not None}
+        return {**flags, **self.train_options}
+
+
+@dataclass
+class RunPlan:
+    method: str
+    seed: int
+    path: Path
+    action: str = "train"  # train | resume | keep
+
+
+# --------------------------------------------------------------------------- parsing
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h|hr)?\s*$", re.IGNORECASE)
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in ``"20m"``, ``"90s"``, ``"1.5h"`` or a plain number of seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        m = _DURATION.match(str(text))
+        if not m:
+            raise LipganError(
+                f"cannot read the duration {text!r}; write it like 20m, 90s, 1.5h or 300"
+            )
+        unit = (m.group(2) or "s").lower()[0]
+        seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[unit]
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise LipganError(f"the budget must be a positive duration, got {text!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _check(cfg: CompareConfig) -> None:
+    if (cfg.budget_s is None) == (cfg.steps is None):
+        raise LipganError("give exactly one of --budget (wall time per run) and --steps")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise LipganError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.seeds < 1:
+        raise LipganError(f"--seeds must be at least 1, got {cfg.seeds}")
+    if not cfg.methods:
+        raise LipganError("no methods to compare; pass --methods wgan-gp,sn,...")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise LipganError(f"a method is listed twice in {','.join(cfg.methods)}")
+    own = sorted(set(cfg.train_options) & {"method", "seed", "steps", "out", "quiet"})
+    if own:
+        raise LipganError(
+            f"train option(s) {', '.join(own)} are set by compare itself; use --methods, "
+            "--seeds, --steps or --budget, --out, --quiet"
+        )
+    known = _known_methods()
+    unknown = [m for m in cfg.methods if m not in known]
+    if unknown:
+        raise LipganError(
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}"
+        )
+    # Bad training flags fail here, before anything is written, not at the first run.
+    from lipgan import gan
+
+    for method in cfg.methods:
+        gan.resolve(gan.TrainConfig.from_dict({**cfg.train_flags(), "method": method}))
+    gan.resolve_device(cfg.device or "auto")
+
+
+# --------------------------------------------------------------------------- the trainer
+
+# The trainer (lipgan.gan) is the only part of compare that knows how a run is made; everything
+# else reads run folders. _known_methods, _train_one are the two places that touch it.
+
+
+def _known_methods() -> set[str]:
+    from lipgan import gan
+
+    return set(gan.PRESETS)
+
+
+#: Budget mode trains in chunks (see _train_budget): the first chunk's generator steps, the
+#: share of the remaining time each later chunk aims at, and the slack at which a run is complete.
+FIRST_CHUNK = 10
+CHUNK_SHARE = 0.95
+MAX_CHUNKS = 12
+
+
+def budget_slack(budget_s: float) -> float:
+    """Time left under which a budget run counts as complete: 3% of the budget, at least 0.5 s."""
+    return max(0.03 * budget_s, 0.5)
+
+
+def _train_config(plan: RunPlan, cfg: CompareConfig, steps: int, resume: bool):
+    """The TrainConfig of one chunk: a new run from the preset and the training flags, or, to
+    resume, the run's own config.yaml with only ``steps`` changed (as `lipgan train --resume`)."""
+    from lipgan import gan, runs
+
+    if resume:
+        base = runs.Run(plan.path).read_config()
+        base.update(out=str(plan.path), steps=int(steps), quiet=cfg.quiet)
+        return gan.TrainConfig.from_dict(base)
+    return gan.TrainConfig.from_dict(
+        {
+            **cfg.train_flags(),
+            "method": plan.method,
+            "seed": plan.seed,
+            "steps": int(steps),
+            "out": str(plan.path),
+            "quiet": cfg.quiet,
+        }
+    )
+
+
+def _train_one(plan: RunPlan, cfg: CompareConfig) -> None:
+    """Train or resume one run to its bound; the trainer writes everything in the folder."""
+    from lipgan import gan
+
+    resume = plan.action == "resume"
+    if cfg.steps is not None:
+        gan.train(_train_config(plan, cfg, cfg.steps, resume), resume=resume)
+        return
+    _train_budget(plan, cfg, resume)
+
+
+def _train_budget(plan: RunPlan, cfg: CompareConfig, resume: bool) -> None:
+    """Train for ``cfg.budget_s`` of the trainer's own wall clock (``status.json``'s ``wall_s``,
+    which adds up over resumes), with the trainer's public API only: it takes a number of steps,
+    so the run goes in chunks, each aiming at ``CHUNK_SHARE`` of the time left at the rate of the
+    chunk before (the first is FIRST_CHUNK steps), until less than ``budget_slack`` is left.
+    Every chunk ends like a finished run (checkpoint, grid, FID), so an interruption anywhere
+    loses at most one chunk, and the rate each time includes that end-of-chunk cost.
+    """
+    from lipgan import gan
+
+    budget = float(cfg.budget_s)
+    status = _status(plan.path) if resume else {}
+    step, wall = int(status.get("step") or 0), float(status.get("wall_s") or 0.0)
+    rate = wall / step if step and wall else None  # seconds per generator step
+    for _ in range(MAX_CHUNKS):
+        left = budget - wall
+        if left <= budget_slack(budget) and step:
+            return
+        add = FIRST_CHUNK if rate is None else int(CHUNK_SHARE * left / rate)
+        if add < 1:
+            return
+        gan.train(_train_config(plan, cfg, step + add, resume), resume=resume)
+        resume = True
+        status = _status(plan.path)
+        new_step, new_wall = int(status.get("step") or 0), float(status.get("wall_s") or 0.0)
+        if new_step > step and new_wall > wall:
+            rate = (new_wall - wall) / (new_step - step)
+        step, wall = new_step, new_wall
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def _status(path: Path) -> dict:
+    try:
+        with open(path / "status.json", encoding="utf-8") as fh:
+            value = json.load(fh)
+        return value if isinstance(value, dict) else {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _has_checkpoint(path: Path) -> bool:
+    return (path / "checkpoints" / "last.pt").is_file()
+
+
+def _interrupted(status: dict) -> bool:
+    # The trainer records Ctrl-C as failed with reason "interrupted": not a result, resume it.
+    return status.get("state") == "failed" and status.get("reason") == "interrupted"
+
+
+def plan_runs(cfg: CompareConfig) -> list[RunPlan]:
+    """One entry per method x seed, with what compare will do to it given the folder's state:
+    ``keep`` (done, or failed on its own), ``resume`` (interrupted with a checkpoint, or in
+    budget mode done short of the budget: killed between two chunks), ``train`` (the rest)."""
+    root = Path(cfg.out) / "runs"
+    plans = []
+    for method in cfg.methods:
+        for seed in range(cfg.seeds):
+            path = root / f"{method}-seed{seed}"
+            status = _status(path)
+            state = status.get("state")
+            short = cfg.budget_s is not None and float(
+                status.get("wall_s") or 0.0
+            ) < cfg.budget_s - budget_slack(cfg.budget_s)
+            if state == "done" and short and _has_checkpoint(path):
+                action = "resume"
+            elif state == "done":
+                action = "keep"
+            elif state == "failed" and not _interrupted(status):
+                action = "train" if cfg.retry_failed else "keep"
+            elif _has_checkpoint(path):
+                action = "resume"
+            else:
+                action = "train"
+            plans.append(RunPlan(method, seed, path, action))
+    return plans
+
+
+def _clear_for_training(plan: RunPlan, out: Path) -> None:
+    """A fresh start needs an empty folder: a failed run (retry) is moved to OUT/failed/ (kept
+    for inspection); the remains of a run killed before its first checkpoint are deleted (they
+    hold nothing a resume could use)."""
+    if not plan.path.exists():
+        return
+    status = _status(plan.path)
+    if status.get("state") == "failed" and not _interrupted(status):
+        dest = out / "failed" / f"{plan.path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(plan.path, dest)
+    else:
+        shutil.rmtree(plan.path)
+
+
+_SETTINGS_FILE = "compare.json"
+
+
+def _check_settings(cfg: CompareConfig, out: Path) -> None:
+    """Resuming with other training flags or another budget would mix unlike runs in one table:
+    refuse, and say how to proceed. Methods and seeds may grow (only new runs are trained)."""
+    fixed = {
+        "budget_s": cfg.budget_s,
+        "steps": cfg.steps,
+        "train": cfg.train_flags(),
+        "eval_n": cfg.eval_n if cfg.evaluate else None,
+    }
+    path = out / _SETTINGS_FILE
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            before = {}
+        diffs = [k for k in ("budget_s", "steps", "train") if before.get(k) != fixed[k]]
+        if diffs:
+            old = {k: before.get(k) for k in diffs}
+            new = {k: fixed[k] for k in diffs}
+            raise LipganError(
+                f"{out} was started with {json.dumps(old)}, now {json.dumps(new)}; rerun with "
+                "the same flags to resume, or choose a new --out"
+            )
+        methods = list(dict.fromkeys([*before.get("methods", []), *cfg.methods]))
+        seeds = max(int(before.get("seeds", 0)), cfg.seeds)
+    else:
+        methods, seeds = list(cfg.methods), cfg.seeds
+    record = {**fixed, "methods": methods, "seeds": seeds, "config": asdict(cfg)}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_run(path: Path, *, n: int, dataset: str, device: str | None = None) -> dict:
+    """Generate ``n`` samples from the run's generator (z ~ N(0, I), latent seed 0 for every run,
+    so runs are scored on the same draws) and write ``eval.json`` with ``lipgan.metrics``."""
+    import torch
+
+    from lipgan import gan, metrics, runs
+
+    gen = runs.load_network(str(path), "generator")
+    z_dim = getattr(gen, "z_dim", None)
+    if not isinstance(z_dim, int):
+        raise LipganError(f"{path}: the generator has no integer z_dim; cannot sample it")
+    dev = gan.resolve_device(device or "auto")
+    gen = gen.to(dev).eval()
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, n, 500):
+            z = torch.randn(min(500, n - start), z_dim, generator=g)
+            parts.append(gen(z.to(dev)).float().cpu())
+    res = metrics.evaluate(torch.cat(parts), dataset=dataset, n=n)
+    tmp = path / "eval.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path / "eval.json")
+    return res
+
+
+def _needs_eval(path: Path, n: int) -> bool:
+    try:
+        return json.loads((path / "eval.json").read_text(encoding="utf-8")).get("n") != n
+    except (FileNotFoundError, ValueError, AttributeError):
+        return True
+
+
+# --------------------------------------------------------------------------- results
+
+
+def write_results(plans: Sequence[RunPlan], out: Path) -> Path:
+    """results.csv: one row per planned run that has a folder (see lipgan.report.run_row)."""
+    from lipgan import report
+
+    rows = [report.run_row(report.load_run(p.path)) for p in plans if report.is_run_folder(p.path)]
+    path = out / "results.csv"
+    tmp = path.with_name(path.name + ".tmp")
+    columns = list(rows[0]) if rows else ["run", "method", "seed", "state"]
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: "" if v is None else v for k, v in row.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(plans: Sequence[RunPlan], cfg: CompareConfig, out: Path) -> Path | None:
+    from lipgan import report
+
+    paths = [p.path for p in plans if report.is_run_folder(p.path)]
+    if not paths:
+        return None
+    bound = f"{format_duration(cfg.budget_s)} per run" if cfg.budget_s else f"{cfg.steps} G steps"
+    title = f"lipgan compare: {out.name} ({bound}, {cfg.seeds} seed(s))"
+    return report.build_report(paths, out / "report.html", title=title, order=cfg.methods)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def run_compare(
+    cfg: CompareConfig, *, log: Callable[[str], None] | None = None
+) -> dict[str, Path | None]:
+    """Train what is missing, evaluate what is finished, write results.csv and report.html.
+
+    Returns ``{"results": path, "report": path or None}``. A run that raises is recorded as
+    failed by the trainer and does not stop the others; KeyboardInterrupt stops the comparison
+    (the interrupted run resumes next time).
+    """
+    _check(cfg)
+    log = log or (lambda msg: None if cfg.quiet else print(msg, file=sys.stderr, flush=True))
+    out = Path(cfg.out)
+    _check_settings(cfg, out)
+    plans = plan_runs(cfg)
+    todo = [p for p in plans if p.action != "keep"]
+    per_run = f"{format_duration(cfg.budget_s)} each" if cfg.budget_s else f"{cfg.steps} steps each"
+    est = f", about {format_duration(cfg.budget_s * len(todo))}" if cfg.budget_s and todo else ""
+    log(
+        f"compare: {len(cfg.methods)} method(s) x {cfg.seeds} seed(s) = {len(plans)} runs, "
+        f"{per_run}; {len(plans) - len(todo)} kept, "
+        f"{sum(p.action == 'resume' for p in todo)} to resume, "
+        f"{sum(p.action == 'train' for p in todo)} to train{est}"
+    )
+    dataset = cfg.dataset or "mnist"
+    can_eval = cfg.evaluate and _metrics_available(dataset, log)
+    for i, plan in enumerate(plans, 1):
+        tag = f"[{i}/{len(plans)}] {plan.path.name}"
+        if plan.action == "keep":
+            log(f"{tag}: {_status(plan.path).get('state')}, kept")
+        else:
+            if plan.action == "train":
+                _clear_for_training(plan, out)
+            log(f"{tag}: {plan.action}")
+            try:
+                _train_one(plan, cfg)
+            except LipganError as exc:
+                # A run the trainer stopped and recorded as failed (a non-finite loss) is a
+                # result; anything else (a bad flag) would fail every run alike: stop here.
+                if _status(plan.path).get("state") != "failed":
+                    raise
+                log(f"{tag}: {exc}")
+            status = _status(plan.path)
+            reason = f" ({status['reason']})" if status.get("reason") else ""
+            log(f"{tag}: {status.get('state')}{reason}")
+        if can_eval and _status(plan.path).get("state") == "done":
+            if _needs_eval(plan.path, cfg.eval_n):
+                t0 = time.perf_counter()
+                res = evaluate_run(plan.path, n=cfg.eval_n, dataset=dataset, device=cfg.device)
+                took = time.perf_counter() - t0
+                log(f"{tag}: FID {res['fid']:.2f} (n {cfg.eval_n}, evaluated in {took:.0f} s)")
+        write_results(plans, out)
+    results = write_results(plans, out)
+    page = write_report(plans, cfg, out)
+    log(f"compare: wrote {results}" + (f" and {page}" if page else ""))
+    return {"results": results, "report": page}
+
+
+def _metrics_available(dataset: str, log) -> bool:
+    try:
+        from lipgan import metrics
+
+        ok = metrics.available(dataset)
+    except ImportError:
+        ok = False
+    if not ok:
+        log(f"compare: no shipped feature extractor for {dataset}; runs are not evaluated")
+    return ok

@@ -1,0 +1,346 @@
+"""`lipgan compare` on tiny real training runs: bounds, evaluation, results, resume, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+from lipgan import compare, gan, report
+from lipgan.compare import CompareConfig, parse_duration, plan_runs, run_compare
+from lipgan.errors import LipganError
+
+# Tiny and quick: width 8, batch 16, one thread (two cores are shared by several processes; more
+# threads only fight), a 128-sample FID at the end of each run, no TensorBoard.
+OPTIONS = {"threads": 1, "fid_n": 128, "tensorboard": False}
+
+
+def tiny(out, **kw) -> CompareConfig:
+    base = dict(
+        out=str(out),
+        methods=["wgan-gp", "sn"],
+        seeds=1,
+        steps=2,
+        width=8,
+        batch_size=16,
+        device="cpu",
+        train_options=dict(OPTIONS),
+        eval_n=128,
+        quiet=True,
+    )
+    base.update(kw)
+    return CompareConfig(**base)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _keep_threads():
+    # threads=1 sets torch's global thread count; give the rest of the session its own back.
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Record every call of the trainer: (run folder name, resume, steps)."""
+    calls = []
+    real = gan.train
+
+    def train(cfg, **kw):
+        calls.append((cfg.out.rsplit("/", 1)[-1], kw.get("resume", False), cfg.steps))
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(gan, "train", train)
+    return calls
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """Two methods x two seeds, 2 generator steps each, evaluated: the whole pipeline once."""
+    out = tmp_path_factory.mktemp("cmp") / "c"
+    cfg = tiny(out, seeds=2)
+    paths = run_compare(cfg)
+    return cfg, out, paths
+
+
+def test_parse_duration():
+    assert parse_duration("20m") == 1200
+    assert parse_duration("90s") == 90
+    assert parse_duration("1.5h") == 5400
+    assert parse_duration("300") == 300
+    for bad in ("", "5 parsecs", "-3m", "0"):
+        with pytest.raises(LipganError):
+            parse_duration(bad)
+
+
+def test_every_run_trained_evaluated_and_tabled(done):
+    cfg, out, paths = done
+    rows = _rows(paths["results"])
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("wgan-gp", "0"),
+        ("wgan-gp", "1"),
+        ("sn", "0"),
+        ("sn", "1"),
+    ]
+    for r in rows:
+        assert r["state"] == "done" and r["steps"] == "2" and r["eval_n"] == "128"
+        run = out / "runs" / r["run"]
+        ev = json.loads((run / "eval.json").read_text())
+        assert float(r["fid"]) == pytest.approx(ev["fid"])
+        # the training flags reached the trainer unchanged
+        conf = report.load_run(run).config
+        assert (conf["width"], conf["batch_size"], conf["device"], conf["threads"]) == (
+            8,
+            16,
+            "cpu",
+            1,
+        )
+        assert conf["method"] == r["method"] and conf["seed"] == int(r["seed"])
+    # two seeds of one method are different runs
+    assert rows[0]["fid"] != rows[1]["fid"]
+
+
+def test_eval_json_matches_an_independent_fid(done):
+    """eval.json's FID against lipgan.metrics.fid of the generator's samples, drawn here."""
+    from lipgan import metrics, runs
+
+    _, out, _ = done
+    run = out / "runs" / "sn-seed1"
+    g = runs.load_network(run, "generator")
+    z = torch.randn(128, g.z_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = g(z)
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["n"] == 128
+    assert ev["fid"] == pytest.approx(metrics.fid(x, "mnist"), rel=1e-6)
+
+
+def test_report_table_is_mean_and_std_over_seeds(done):
+    _, out, paths = done
+    rows = [r for r in _rows(paths["results"]) if r["method"] == "wgan-gp"]
+    fids = [float(r["fid"]) for r in rows]
+    runs_ = [report.load_run(p) for p in report.expand_paths([out])]
+    summary = {e["method"]: e for e in report.summarize(runs_)}
+    mean, std = summary["wgan-gp"]["stats"]["fid"]
+    assert mean == pytest.approx(statistics.mean(fids))
+    assert std == pytest.approx(statistics.stdev(fids))
+    page = paths["report"].read_text()
+    assert report._fmt_stat((mean, std)) in page
+    for r in _rows(paths["results"]):
+        assert r["run"] in page
+
+
+def test_rerun_trains_nothing(done, spy):
+    cfg, out, _ = done
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/generator.safetensors")}
+    run_compare(cfg)
+    assert spy == []
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/generator.safetensors")}
+    assert before == after
+
+
+def test_other_flags_on_the_same_folder_are_refused(done):
+    cfg, out, _ = done
+    with pytest.raises(LipganError, match="same flags"):
+        run_compare(tiny(out, seeds=2, width=16))
+    with pytest.raises(LipganError, match="same flags"):
+        run_compare(tiny(out, seeds=2, steps=3))
+
+
+def test_interrupted_compare_resumes_only_what_is_missing(tmp_path, monkeypatch, spy):
+    options = {**OPTIONS, "checkpoint_every": 1}
+    cfg = tiny(tmp_path / "c", steps=4, train_options=options, evaluate=False)
+    real_step = gan.GANTrainer.train_step
+
+    def interrupted(self, *a, **kw):
+        if self.cfg.method == "sn" and self.step == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the second run
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(gan.GANTrainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg)
+    assert [p.action for p in plan_runs(cfg)] == ["keep", "resume"]
+    monkeypatch.setattr(gan.GANTrainer, "train_step", real_step)
+    spy.clear()
+    paths = run_compare(cfg)
+    assert spy == [("sn-seed0", True, 4)]  # wgan-gp kept; sn resumed from its checkpoint
+    rows = _rows(paths["results"])
+    assert [(r["state"], r["steps"]) for r in rows] == [("done", "4"), ("done", "4")]
+    steps = report.load_run(tmp_path / "c" / "runs" / "sn-seed0").column("step")
+    assert steps.tolist() == sorted(set(steps.tolist()))  # no step logged twice after resume
+
+
+def test_failed_run_is_reported_and_kept(tmp_path, monkeypatch, spy):
+    real_step = gan.GANTrainer.train_step
+
+    def blows_up(self, *a, **kw):  # a real run whose loss turns NaN at step 2
+        out = real_step(self, *a, **kw)
+        if self.cfg.method == "wgan-gp" and self.step == 2:
+            out["wasserstein"] = torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(gan.GANTrainer, "train_step", blows_up)
+    cfg = tiny(tmp_path / "c", methods=["wgan-gp"], steps=3)
+    paths = run_compare(cfg)
+    rows = {r["method"]: r for r in _rows(paths["results"])}
+    assert rows["wgan-gp"]["state"] == "failed"
+    assert "non-finite loss at generator step 2" in rows["wgan-gp"]["reason"]
+    assert rows["wgan-gp"]["fid"] == ""  # not evaluated
+    page = paths["report"].read_text()
+    assert "failed: non-finite loss at generator step 2" in page
+    # a rerun keeps it; --retry-failed trains it again and keeps the old folder aside
+    monkeypatch.setattr(gan.GANTrainer, "train_step", real_step)
+    spy.clear()
+    run_compare(cfg)
+    assert spy == []
+    run_compare(tiny(tmp_path / "c", methods=["wgan-gp"], steps=3, retry_failed=True))
+    assert spy == [("wgan-gp-seed0", False, 3)]
+    assert len(list((tmp_path / "c" / "failed").iterdir())) == 1
+    assert {r["state"] for r in _rows(paths["results"])} == {"done"}
+
+
+def test_budget_real_runs(tmp_path, spy):
+    """A real budget run: done, within the slack of its budget, in several resumed chunks."""
+    budget = 3.0
+    cfg = tiny(tmp_path / "c", methods=["sn"], steps=None, budget_s=budget, evaluate=False)
+    paths = run_compare(cfg)
+    (row,) = _rows(paths["results"])
+    assert row["state"] == "done"
+    assert float(row["wall_s"]) >= budget - compare.budget_slack(budget)
+    assert spy[0] == ("sn-seed0", False, compare.FIRST_CHUNK)
+    assert all(c[1] for c in spy[1:]) and [c[2] for c in spy] == sorted(c[2] for c in spy)
+    assert all(p.action == "keep" for p in plan_runs(cfg))
+
+
+@pytest.mark.parametrize("ms_per_step, overhead_s", [(50.0, 0.3), (400.0, 2.0), (5.0, 0.05)])
+def test_budget_chunks_reach_the_budget(tmp_path, monkeypatch, ms_per_step, overhead_s):
+    """The chunking against a simulated trainer clock: each chunk costs its steps at a fixed
+    rate plus a fixed end-of-chunk cost (grid, FID, checkpoint), as the real trainer does."""
+    from lipgan import runs
+
+    calls = []
+
+    def fake_train(tcfg, resume=False):
+        run = runs.Run(tcfg.out)
+        st = run.read_status() if resume else None
+        step, wall = (st["step"], st["wall_s"]) if st else (0, 0.0)
+        assert resume == (st is not None)
+        calls.append(tcfg.steps)
+        wall += (tcfg.steps - step) * ms_per_step / 1000 + overhead_s
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(tcfg.to_dict())
+        run.write_status("done", tcfg.steps, tcfg.steps, wall)
+        return run.path
+
+    monkeypatch.setattr(gan, "train", fake_train)
+    monkeypatch.setattr(compare, "write_report", lambda *a: None)  # no plots of fake runs
+    budget = 1200.0
+    cfg = tiny(tmp_path / "c", methods=["wgan-gp"], steps=None, budget_s=budget, evaluate=False)
+    run_compare(cfg)
+    st = json.loads((tmp_path / "c" / "runs" / "wgan-gp-seed0" / "status.json").read_text())
+    assert budget - compare.budget_slack(budget) <= st["wall_s"] <= budget
+    assert 2 <= len(calls) <= 6
+    # what an ideal single run would have reached
+    assert st["step"] >= 0.9 * (budget - len(calls) * overhead_s) / (ms_per_step / 1000)
+    calls.clear()
+    run_compare(cfg)  # complete: nothing more to do
+    assert calls == []
+
+
+def test_plan_from_folder_states(tmp_path):
+    cfg = tiny(tmp_path, methods=["a", "b", "c", "d", "e", "f"], steps=None, budget_s=100.0)
+
+    def status(name, ckpt=True, **st):
+        run = tmp_path / "runs" / f"{name}-seed0"
+        (run / "checkpoints").mkdir(parents=True)
+        if ckpt:
+            (run / "checkpoints" / "last.pt").write_bytes(b"x")
+        (run / "status.json").write_text(json.dumps(st))
+
+    status("a", state="done", wall_s=99.0)  # complete
+    status("b", state="done", wall_s=40.0)  # killed between two budget chunks
+    status("c", state="failed", reason="interrupted", wall_s=10.0)  # Ctrl-C
+    status("d", state="failed", reason="non-finite loss at generator step 7", wall_s=10.0)
+    status("e", ckpt=False, state="running", wall_s=0.0)  # killed before its first checkpoint
+    actions = [p.action for p in plan_runs(cfg)]
+    assert actions == ["keep", "resume", "resume", "keep", "train", "train"]
+    assert [p.action for p in plan_runs(tiny(tmp_path, methods=["d"], retry_failed=True))] == [
+        "train"
+    ]
+
+
+def test_bad_settings_fail_before_anything_is_written(tmp_path):
+    with pytest.raises(LipganError, match="unknown method"):
+        run_compare(tiny(tmp_path / "a", methods=["wgan-gp", "nope"]))
+    with pytest.raises(LipganError, match="exactly one"):
+        run_compare(tiny(tmp_path / "b", budget_s=10.0))
+    with pytest.raises(LipganError, match="unknown config keys"):
+        run_compare(tiny(tmp_path / "c", train_options={"no_such_field": 1}))
+    with pytest.raises(LipganError, match="set by compare"):
+        run_compare(tiny(tmp_path / "d", train_options={"seed": 3}))
+    if not torch.cuda.is_available():
+        with pytest.raises(LipganError, match="CUDA"):
+            run_compare(tiny(tmp_path / "e", device="cuda"))
+    assert not any((tmp_path / n).exists() for n in "abcde")
+
+
+def test_cli_passes_the_training_flags_on(monkeypatch, tmp_path, capsys):
+    from lipgan.cli import main
+
+    seen = {}
+
+    def fake(cfg):
+        seen["cfg"] = cfg
+        return {"results": tmp_path / "results.csv", "report": None}
+
+    monkeypatch.setattr(compare, "run_compare", fake)
+    argv = ["compare", "--methods", "sn,gan", "--seeds", "3", "--budget", "1.5h", "--out"]
+    argv += [str(tmp_path), "--model", "dcgan28", "--width", "32", "--batch-size", "50"]
+    argv += ["--device", "cuda", "--precision", "bf16", "--dataset", "fashion-mnist"]
+    argv += ["--train-option", "fid_every=500", "--train-option", "compile=true"]
+    assert main(argv) == 0
+    c = seen["cfg"]
+    assert (c.methods, c.seeds, c.budget_s, c.steps) == (["sn", "gan"], 3, 5400.0, None)
+    assert c.train_flags() == {
+        "model": "dcgan28",
+        "width": 32,
+        "batch_size": 50,
+        "device": "cuda",
+        "precision": "bf16",
+        "dataset": "fashion-mnist",
+        "fid_every": 500,
+        "compile": True,
+    }
+    assert main(["compare", "--out", str(tmp_path), "--steps", "5"]) == 0
+    assert seen["cfg"].budget_s is None and seen["cfg"].steps == 5
+    assert main(["compare", "--out", str(tmp_path)]) == 0
+    assert seen["cfg"].budget_s == 1200.0  # 20m by default
+    assert main(["compare", "--out", str(tmp_path), "--budget", "soon"]) == 2
+    assert "20m" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_on_a_finished_folder(done, capsys):
+    """The command on the module's finished folder: nothing to train, report rewritten."""
+    from lipgan.cli import main
+
+    cfg, out, paths = done
+    (out / "report.html").unlink()
+    argv = ["compare", "--methods", "wgan-gp,sn", "--seeds", "2", "--steps", "2", "--out"]
+    argv += [str(out), "--width", "8", "--batch-size", "16", "--device", "cpu", "--eval-n"]
+    argv += ["128", "--quiet"]
+    for k, v in OPTIONS.items():
+        argv += ["--train-option", f"{k}={str(v).lower()}"]
+    assert main(argv) == 0
+    assert (out / "report.html").is_file()
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    assert math.isfinite(float(_rows(out / "results.csv")[0]["fid"]))
