@@ -143,7 +143,7 @@ def check_quadratic_bounds(
     xx = x.detach().clone().requires_grad_(True)
     fx = f(xx)
     (gx,) = torch.autograd.grad(fx, xx)
-    fx, gx = float(fx), gx.detach()
+    fx, gx = float(fx.detach()), gx.detach()
     gen = torch.Generator().manual_seed(seed)
     up_ok = lo_ok = 0
     up_worst = lo_worst = 0.0
