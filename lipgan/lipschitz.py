@@ -649,6 +649,17 @@ def jacobian_norm(
     def g(z):
         return f(z.unsqueeze(0)).reshape(-1)
 
+    with torch.no_grad():
+        n_out = g(x).numel()
+    if n_out <= 64:
+        # few outputs: the whole Jacobian from one batched backward, then its exact norm
+        xs = x.detach().unsqueeze(0).repeat(n_out, *([1] * x.dim())).requires_grad_(True)
+        y = f(xs).reshape(n_out, -1)
+        (J,) = torch.autograd.grad(y, xs, torch.eye(n_out, dtype=y.dtype))
+        J = J.reshape(n_out, -1)
+        _, S, Vh = torch.linalg.svd(J, full_matrices=False)
+        return float(S[0]), Vh[0].reshape(x.shape).detach()
+
     _, vjp_fn = torch.func.vjp(g, x)
 
     def jtj(u):
@@ -807,8 +818,8 @@ def estimate(
     x: torch.Tensor | None = None,
     input_shape: Sequence[int] | None = None,
     lower: bool = True,
-    restarts: int = 8,
-    steps: int = 20,
+    restarts: int = 6,
+    steps: int = 15,
     dense_limit: int = 1024,
     lipsdp: bool = True,
     lipsdp_width: int = 512,
