@@ -349,8 +349,9 @@ class SpectralNormRegularizer(Constraint):
     ``sigma_l = u^T W_mat v`` of each Linear/Conv layer's reshaped kernel (the paper reshapes a
     conv kernel to ``b x a w h``), u and v from a power iteration kept between calls (one step
     per penalty call, 15 at the first); the gradient flows through ``sigma_l`` with u, v fixed,
-    i.e. ``lam * sigma_l u v^T``. ``lam = 0.01``: the value Yoshida & Miyato report for their
-    spectral-norm runs. The vectors live in this object, not in the module's state_dict.
+    i.e. ``lam * sigma_l u v^T``. ``lam = 0.01``: the value of Yoshida & Miyato's spectral-norm
+    experiments (recalled, not re-checked against the paper's text here). The vectors live in
+    this object, not in the module's state_dict.
     """
 
     name = "spectral-norm-reg"
