@@ -141,8 +141,8 @@ def _check(cfg: CompareConfig) -> None:
 
 # --------------------------------------------------------------------------- the trainer
 
-# The trainer (lipgan.gan) is the only part of compare that knows how a run is made; everything
-# else reads run folders. _known_methods, _train_one are the two places that touch it.
+# Only this section knows how a run is made, through lipgan.gan's public API (PRESETS,
+# TrainConfig, train); everything else reads run folders.
 
 
 def _known_methods() -> set[str]:
@@ -184,7 +184,7 @@ def _train_config(plan: RunPlan, cfg: CompareConfig, steps: int, resume: bool):
     )
 
 
-def _train_one(plan: RunPlan, cfg: CompareConfig) -> None:
+def _train_one(plan: RunPlan, cfg: CompareConfig, say: Callable[[str], None]) -> None:
     """Train or resume one run to its bound; the trainer writes everything in the folder."""
     from lipgan import gan
 
@@ -192,10 +192,12 @@ def _train_one(plan: RunPlan, cfg: CompareConfig) -> None:
     if cfg.steps is not None:
         gan.train(_train_config(plan, cfg, cfg.steps, resume), resume=resume)
         return
-    _train_budget(plan, cfg, resume)
+    _train_budget(plan, cfg, resume, say)
 
 
-def _train_budget(plan: RunPlan, cfg: CompareConfig, resume: bool) -> None:
+def _train_budget(
+    plan: RunPlan, cfg: CompareConfig, resume: bool, say: Callable[[str], None]
+) -> None:
     """Train for ``cfg.budget_s`` of the trainer's own wall clock (``status.json``'s ``wall_s``,
     which adds up over resumes), with the trainer's public API only: it takes a number of steps,
     so the run goes in chunks, each aiming at ``CHUNK_SHARE`` of the time left at the rate of the
@@ -223,6 +225,7 @@ def _train_budget(plan: RunPlan, cfg: CompareConfig, resume: bool) -> None:
         if new_step > step and new_wall > wall:
             rate = (new_wall - wall) / (new_step - step)
         step, wall = new_step, new_wall
+        say(f"step {step}, {wall:.1f} s of {budget:.0f} s")
 
 
 # --------------------------------------------------------------------------- run folders
@@ -430,7 +433,7 @@ def run_compare(
                 _clear_for_training(plan, out)
             log(f"{tag}: {plan.action}")
             try:
-                _train_one(plan, cfg)
+                _train_one(plan, cfg, lambda msg, tag=tag: log(f"{tag}: {msg}"))
             except LipganError as exc:
                 # A run the trainer stopped and recorded as failed (a non-finite loss) is a
                 # result; anything else (a bad flag) would fail every run alike: stop here.
@@ -439,7 +442,10 @@ def run_compare(
                 log(f"{tag}: {exc}")
             status = _status(plan.path)
             reason = f" ({status['reason']})" if status.get("reason") else ""
-            log(f"{tag}: {status.get('state')}{reason}")
+            log(
+                f"{tag}: {status.get('state')}{reason}, {status.get('step')} steps in "
+                f"{float(status.get('wall_s') or 0):.1f} s"
+            )
         if can_eval and _status(plan.path).get("state") == "done":
             if _needs_eval(plan.path, cfg.eval_n):
                 t0 = time.perf_counter()

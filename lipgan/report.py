@@ -112,10 +112,10 @@ class Run:
 
     @property
     def steps_done(self) -> int | None:
-        if "step" in self.status:
+        if isinstance(self.status.get("step"), (int, float)):
             return int(self.status["step"])
-        steps = self.metrics.get("step")
-        return int(np.nanmax(steps)) if steps is not None and steps.size else None
+        steps = _finite(self.metrics.get("step", np.empty(0)))
+        return int(steps.max()) if steps.size else None
 
     @property
     def wall_s(self) -> float | None:
