@@ -11,7 +11,9 @@ unconstrained step (issue target for reshaped SN: at most 1.15x). The machine is
 read the interquartile range next to each median.
 
 ``python benchmarks/bench_constraints.py --norms`` (Lipschitz): attaches reshaped SN to the
-dcgan28 critic, converges its power iteration, and prints each layer's reshaped sigma (1 by
+dcgan28 critic (``--mode operator`` for operator mode; ``--train-steps N`` trains it N critic
+steps on random images first), converges its power iteration (unless ``--no-converge``), and
+prints each layer's reshaped sigma (1 by
 construction) against its operator norm (lipgan.norms: power iteration on the real operator, a
 lower bound, and the Gram-iteration upper bound), and the product of the operator norms.
 """
@@ -134,9 +136,24 @@ def norms_report(args) -> None:
 
     torch.manual_seed(args.seed)
     critic = dcgan28_critic()
-    sn = C.get("spectral-norm", mode="reshaped")
+    sn = C.get("spectral-norm", mode=args.mode)
     sn.attach(critic)
-    sn.converge(critic, max_iterations=2000, tol=1e-9)
+    critic(torch.zeros(1, 1, 28, 28))  # operator mode learns the input shapes here
+    if args.train_steps:
+        # a WGAN-like critic loop on random images: how far one power step per training step
+        # trails the moving weights
+        opt = torch.optim.Adam(critic.parameters(), lr=1e-4, betas=(0.5, 0.9))
+        g = torch.Generator().manual_seed(args.seed)
+        for _ in range(args.train_steps):
+            real = torch.rand((args.batch, 1, 28, 28), generator=g) * 2 - 1
+            fake = torch.rand((args.batch, 1, 28, 28), generator=g) * 2 - 1
+            loss = critic(fake).mean() - critic(real).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sn.after_step(critic)
+    if args.converge:
+        sn.converge(critic, max_iterations=2000, tol=1e-9)
     critic.eval()
     shapes = {}
     hooks = [
@@ -147,7 +164,11 @@ def norms_report(args) -> None:
         critic(torch.zeros(1, 1, 28, 28))
     for h in hooks:
         h.remove()
-    print(f"dcgan28 critic (seed {args.seed}, initial weights) under reshaped spectral norm")
+    print(
+        f"dcgan28 critic (seed {args.seed}) under {args.mode} spectral norm, "
+        f"{args.train_steps} training steps, power iteration "
+        f"{'converged' if args.converge else 'as trained'}"
+    )
     print(f"{'layer':<34}{'reshaped':>10}{'op (power)':>12}{'op (gram ub)':>14}")
     prod_lo = prod_hi = 1.0
     for layer in L.weight_layers(critic):
@@ -174,6 +195,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--variants", default="sn-reshaped", help=f"comma list of {list(VARIANTS)}")
     ap.add_argument("--norms", action="store_true", help="print SN's operator norms instead")
+    ap.add_argument("--mode", default="reshaped", help="--norms: SN mode, reshaped or operator")
+    ap.add_argument("--train-steps", type=int, default=0, help="--norms: train this many steps")
+    ap.add_argument(
+        "--no-converge",
+        dest="converge",
+        action="store_false",
+        help="--norms: measure with the power iteration as training left it",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

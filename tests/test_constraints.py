@@ -382,6 +382,17 @@ def test_sn_operator_mode_bounds_every_layer_and_the_product():
         return ops
 
     ops = check()
+    # lipgan.lipschitz on the same network: its certified bounds must hold over the exact norms;
+    # its operator column is the Gram upper bound for zero-padded convs (loose: not asserted
+    # <= 1 + 1e-3), its merged-segments bound is tighter than the product and must be <= 1
+    from lipgan import lipschitz
+
+    upper, table = lipschitz.upper_bounds(net, IMG, lipsdp=False)
+    rows = [r for r in table if r["operator"] is not None and r["type"] != "Flatten"]
+    assert len(rows) == len(ops)
+    for row, exact in zip(rows, ops):
+        assert row["operator"] >= exact - 1e-6, (row, exact)
+    assert upper["merged_segments"] <= 1 + 1e-3, upper
     shapes = layer_inputs(net, x)
     for layer, exact in zip(L.weight_layers(net), ops):
         if isinstance(layer, nn.Conv2d):
