@@ -268,12 +268,13 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         """Build from a mapping (YAML); unknown keys are a LipganError naming the valid ones."""
         names = {f.name for f in fields(cls)}
+        d = {k.replace("-", "_"): v for k, v in d.items()}
         unknown = sorted(set(d) - names)
         if unknown:
             raise LipganError(
                 f"unknown config keys {unknown}; valid keys: {', '.join(sorted(names))}"
             )
-        return cls(**{k.replace("-", "_"): v for k, v in d.items()})
+        return cls(**d)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -378,7 +379,11 @@ def _needs_double_backward(constraint: C.Constraint) -> bool:
 class GANTrainer:
     """Networks, constraint, optimizers and RNG streams of one run, and the step arithmetic.
 
-    No I/O happens here, so a distributed or benchmark driver can call the steps directly.
+    No I/O happens here, so a distributed or benchmark driver can call the steps directly: a
+    DistributedDataParallel version wraps the networks into ``d_forward`` / ``g_forward`` (the
+    penalties take input gradients only, then one backward of the whole loss, which DDP allows),
+    passes each rank its part of the global batch through ``train_step(next_real=...)`` from
+    seeded indices, and keeps :class:`Session` (logging, checkpoints) on rank 0.
     RNG streams, each its own ``torch.Generator`` so that logging never shifts training:
     ``data_gen`` (batch indices), ``noise_gen`` (z), ``measure_gen`` (measurements), plus the
     global torch RNG that constraints use (interpolation weights).
@@ -446,6 +451,9 @@ class GANTrainer:
         # Forward functions: compiled where correct (never through a double backward).
         self.g_forward: Callable = self.generator
         self.d_forward: Callable = self.critic
+        # What the penalty differentiates through: never a compiled module (double backward);
+        # a DDP driver may put its wrapped critic here.
+        self.penalty_critic: nn.Module = self.critic
         if cfg.compile:
             self.g_forward = torch.compile(self.generator)
             if not _needs_double_backward(self.constraint):
@@ -506,7 +514,7 @@ class GANTrainer:
             scores = self.d_forward(torch.cat([real, fake])).float()
             s_real, s_fake = scores[:b], scores[b:]
             loss = self.loss.critic(s_real, s_fake)
-            pen = self.constraint.penalty(self.critic, real, fake)
+            pen = self.constraint.penalty(self.penalty_critic, real, fake)
         total = loss if pen is None else loss + pen.float()
         total.backward()
         self.opt_d.step()
@@ -950,50 +958,17 @@ def train(
     constraint: C.Constraint | None = None,
     stream=None,
 ) -> Path:
-    """Train (or, with ``resume``, continue) the run ``cfg.out``; returns the run folder.
+    """Train (or, with ``resume``, continue) the run ``cfg.out`` to ``cfg.steps``; return its path.
 
     A new run refuses a folder that already holds one. A resumed run reads and checks
     ``checkpoints/last.pt`` before changing anything in the folder.
     """
-    from lipgan import data, runs
-
-    cfg = resolve(cfg)
-    if not cfg.out:
-        cfg = cfg.replace(out=default_out(cfg))
-    run = runs.Run(cfg.out)
-    state = None
-    fresh_in_place = False
-    if resume:
-        if run.last_checkpoint.is_file():
-            state = runs.load_checkpoint(run.last_checkpoint)
-        elif run.config_path.is_file():
-            fresh_in_place = True  # stopped before its first checkpoint: nothing to keep
-        else:
-            raise LipganError(f"{run.path}: no checkpoints/last.pt to resume from")
-    elif run.exists():
-        raise LipganError(
-            f"{run.path} already holds a run; continue it with `lipgan train --resume "
-            f"{run.path}` or choose another --out"
-        )
-
-    ds = data.load(cfg.dataset, data_dir=cfg.data_dir)
-    trainer = GANTrainer(cfg, ds.train_images, constraint=constraint)
-    if state is not None:
-        trainer.load_state_dict(state, source=str(run.last_checkpoint))
-        # Everything checked: only now touch the folder.
-        run.write_config(cfg.to_dict())
-        run.truncate_logs(trainer.step)
-        run.remove_partials()
-        wall0 = float(state.get("wall_s", 0.0))
-    elif fresh_in_place:
-        run.write_config(cfg.to_dict())
-        run.truncate_logs(0)
-        run.remove_partials()
-        wall0 = 0.0
-    else:
-        run.create(cfg.to_dict())
-        wall0 = 0.0
-    return _loop(trainer, run, cfg, wall0, stream)
+    session = Session(cfg, resume=resume, constraint=constraint, stream=stream)
+    try:
+        session.run()
+    finally:
+        session.close()
+    return session.finish()
 
 
 @isolated_rng()
@@ -1027,135 +1002,209 @@ def _params_finite(trainer: GANTrainer) -> bool:
     )
 
 
-def _loop(trainer: GANTrainer, run, cfg: TrainConfig, wall0: float, stream) -> Path:
-    from lipgan import runs
+class Session:
+    """A run in progress: a :class:`GANTrainer` plus its run folder, logs and progress bar.
 
-    tb = None
-    if cfg.tensorboard:
-        try:
-            # After a resume, drop events the interrupted segment wrote past its checkpoint.
-            tb = run.tensorboard(
-                purge_step=trainer.step + 1 if run.metrics_path.is_file() else None
+    ``Session(cfg)`` opens (or, with ``resume``, reopens) the run folder; ``run(until)`` trains to
+    generator step ``until`` (default ``cfg.steps``) doing the logging, samples and checkpoints the
+    config asks for; ``finish()`` marks the run done. Benchmarks call ``run`` in slices.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        constraint: C.Constraint | None = None,
+        stream=None,
+        images: torch.Tensor | None = None,
+    ) -> None:
+        from lipgan import data, runs
+
+        cfg = resolve(cfg)
+        if not cfg.out:
+            cfg = cfg.replace(out=default_out(cfg))
+        run = runs.Run(cfg.out)
+        state = None
+        fresh_in_place = False
+        if resume:
+            if run.last_checkpoint.is_file():
+                state = runs.load_checkpoint(run.last_checkpoint)
+            elif run.config_path.is_file():
+                fresh_in_place = True  # stopped before its first checkpoint: nothing to keep
+            else:
+                raise LipganError(f"{run.path}: no checkpoints/last.pt to resume from")
+        elif run.exists():
+            raise LipganError(
+                f"{run.path} already holds a run; continue it with `lipgan train --resume "
+                f"{run.path}` or choose another --out"
             )
-        except ImportError:
-            tb = None
-    fixed_z = torch.randn(
-        cfg.n_samples, trainer.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 3)
-    ).to(trainer.device)
-    progress = Progress(cfg.steps, trainer.step, enabled=not cfg.quiet, stream=stream)
-    t_start = time.perf_counter()
-    seg_wall0 = wall0  # wall time of earlier segments (resume)
+        if images is None:
+            images = data.load(cfg.dataset, data_dir=cfg.data_dir).train_images
+        trainer = GANTrainer(cfg, images, constraint=constraint)
+        wall0 = 0.0
+        if state is not None:
+            trainer.load_state_dict(state, source=str(run.last_checkpoint))
+            # Everything checked: only now touch the folder.
+            run.write_config(cfg.to_dict())
+            run.truncate_logs(trainer.step)
+            run.remove_partials()
+            wall0 = float(state.get("wall_s", 0.0))
+        elif fresh_in_place:
+            run.write_config(cfg.to_dict())
+            run.truncate_logs(0)
+            run.remove_partials()
+        else:
+            run.create(cfg.to_dict())
+        self.cfg, self.run_dir, self.trainer, self.stream = cfg, run, trainer, stream
 
-    def wall() -> float:
-        return seg_wall0 + time.perf_counter() - t_start
-
-    if trainer.step == 0:
-        _checkpoint(trainer, run, cfg, 0.0, keep=False)  # rollback target before any step
-    last_good = trainer.step
-    rollbacks = 0
-    run.write_status("running", trainer.step, cfg.steps, wall())
-    w_ema = None
-    t_log, step_log = time.perf_counter(), trainer.step
-    try:
-        while trainer.step < cfg.steps:
-            out = trainer.train_step()
-            step = trainer.step
-            vals = torch.stack([out["wasserstein"], out["loss_d"], out["penalty"], out["loss_g"]])
-            w, loss_d, pen, loss_g = vals.tolist()  # one sync per generator step
-            if not all(math.isfinite(v) for v in (w, loss_d, pen, loss_g)):
-                ckpt = run.last_checkpoint
-                if cfg.on_nan == "rollback" and rollbacks < cfg.max_rollbacks:
-                    rollbacks += 1
-                    state = runs.load_checkpoint(ckpt)
-                    scale = float(state.get("lr_scale", 1.0)) * cfg.nan_lr_factor
-                    trainer.load_state_dict(state, source=str(ckpt))
-                    trainer.set_lr_scale(scale)
-                    run.truncate_logs(trainer.step)
-                    _say(
-                        cfg,
-                        stream,
-                        f"non-finite loss at generator step {step}; rolled back to step "
-                        f"{trainer.step} ({ckpt}) with learning rates x{scale:g}",
-                    )
-                    continue
-                reason = (
-                    f"non-finite loss at generator step {step} (W {w}, loss_d {loss_d}, "
-                    f"loss_g {loss_g}); last good checkpoint: {ckpt} (step {last_good}). "
-                    "Resume with --on-nan rollback or lower learning rates"
+        self.tb = None
+        if cfg.tensorboard:
+            try:
+                # After a resume, drop events the interrupted segment wrote past its checkpoint.
+                self.tb = run.tensorboard(
+                    purge_step=trainer.step + 1 if run.metrics_path.is_file() else None
                 )
-                run.write_status("failed", step, cfg.steps, wall(), reason)
-                raise NonFiniteLoss(reason)
-            w_ema = w if w_ema is None else 0.9 * w_ema + 0.1 * w
+            except ImportError:
+                self.tb = None
+        self.fixed_z = torch.randn(
+            cfg.n_samples, trainer.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 3)
+        ).to(trainer.device)
+        self.progress = Progress(cfg.steps, trainer.step, enabled=not cfg.quiet, stream=stream)
+        self.t_start = time.perf_counter()
+        self.wall0 = wall0  # wall time of earlier segments (resume)
+        if trainer.step == 0:
+            _checkpoint(trainer, run, cfg, 0.0, keep=False)  # rollback target before any step
+        self.last_good = trainer.step
+        self.rollbacks = 0
+        run.write_status("running", trainer.step, cfg.steps, self.wall())
+        self.w_ema: float | None = None
+        self.t_log, self.step_log = time.perf_counter(), trainer.step
 
-            row: dict[str, Any] = {}
-            if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
-                now = time.perf_counter()
-                row.update(
-                    step=step,
-                    time_s=round(wall(), 3),
-                    wasserstein=w,
-                    loss_d=loss_d,
-                    loss_g=loss_g,
-                    penalty=pen,
-                    ms_per_step=round(1000 * (now - t_log) / max(step - step_log, 1), 2),
+    @property
+    def path(self) -> Path:
+        return self.run_dir.path
+
+    def wall(self) -> float:
+        return self.wall0 + time.perf_counter() - self.t_start
+
+    def run(self, until: int | None = None) -> None:
+        """Train to generator step ``until`` (at most ``cfg.steps``)."""
+        until = self.cfg.steps if until is None else min(until, self.cfg.steps)
+        try:
+            while self.trainer.step < until:
+                out = self.trainer.train_step()
+                self._after_step(out)
+        except KeyboardInterrupt:
+            self.run_dir.write_status(
+                "failed", self.trainer.step, self.cfg.steps, self.wall(), "interrupted"
+            )
+            raise
+
+    def _after_step(self, out: dict) -> None:
+        from lipgan import runs
+
+        cfg, trainer, run = self.cfg, self.trainer, self.run_dir
+        step = trainer.step
+        vals = torch.stack([out["wasserstein"], out["loss_d"], out["penalty"], out["loss_g"]])
+        w, loss_d, pen, loss_g = vals.tolist()  # one sync per generator step
+        if not all(math.isfinite(v) for v in (w, loss_d, pen, loss_g)):
+            ckpt = run.last_checkpoint
+            if cfg.on_nan == "rollback" and self.rollbacks < cfg.max_rollbacks:
+                self.rollbacks += 1
+                state = runs.load_checkpoint(ckpt)
+                scale = float(state.get("lr_scale", 1.0)) * cfg.nan_lr_factor
+                trainer.load_state_dict(state, source=str(ckpt))
+                trainer.set_lr_scale(scale)
+                run.truncate_logs(trainer.step)
+                _say(
+                    cfg,
+                    self.stream,
+                    f"non-finite loss at generator step {step}; rolled back to step "
+                    f"{trainer.step} ({ckpt}) with learning rates x{scale:g}",
                 )
-                t_log, step_log = now, step
-                gn = trainer.constraint.last_grad_norm
-                if gn is not None:  # reuse the penalty's own gradients at the interpolates
-                    gn = gn.detach().float()
-                    row.update(gnorm_interp_mean=gn.mean().item(), gnorm_interp_max=gn.max().item())
-            if cfg.lip_every and (step % cfg.lip_every == 0 or step == cfg.steps):
-                which = ["real", "fake"]
-                if "gnorm_interp_mean" not in row:
-                    which.append("interp")
-                norms = trainer.gradient_norms(trainer.last_real, tuple(which))
+                return
+            reason = (
+                f"non-finite loss at generator step {step} (W {w}, loss_d {loss_d}, "
+                f"loss_g {loss_g}); last good checkpoint: {ckpt} (step {self.last_good}). "
+                "Resume with --on-nan rollback or lower learning rates"
+            )
+            run.write_status("failed", step, cfg.steps, self.wall(), reason)
+            raise NonFiniteLoss(reason)
+        self.w_ema = w if self.w_ema is None else 0.9 * self.w_ema + 0.1 * w
+        end = step == cfg.steps
+
+        def due(every: int) -> bool:
+            return bool(every) and step % every == 0
+
+        row: dict[str, Any] = {}
+        if cfg.log_every and (due(cfg.log_every) or end):
+            now = time.perf_counter()
+            row.update(
+                step=step,
+                time_s=round(self.wall(), 3),
+                wasserstein=w,
+                loss_d=loss_d,
+                loss_g=loss_g,
+                penalty=pen,
+                ms_per_step=round(1000 * (now - self.t_log) / max(step - self.step_log, 1), 2),
+            )
+            self.t_log, self.step_log = now, step
+            gn = trainer.constraint.last_grad_norm
+            if gn is not None:  # reuse the penalty's own gradients at the interpolates
+                gn = gn.detach().float()
+                row.update(gnorm_interp_mean=gn.mean().item(), gnorm_interp_max=gn.max().item())
+        if cfg.lip_every and (due(cfg.lip_every) or end):
+            which = ["real", "fake"]
+            if "gnorm_interp_mean" not in row:
+                which.append("interp")
+            norms = trainer.gradient_norms(trainer.last_real, tuple(which))
+            row.setdefault("step", step)
+            for k, v in norms.items():
+                row[f"gnorm_{k}_mean"] = v.mean().item()
+                row[f"gnorm_{k}_max"] = v.max().item()
+        if cfg.layer_every and (due(cfg.layer_every) or end):
+            layers, bound = trainer.layer_norms()
+            if layers:
+                run.log_layer_norms(step, layers)
+            if bound is not None:
                 row.setdefault("step", step)
-                for k, v in norms.items():
-                    row[f"gnorm_{k}_mean"] = v.mean().item()
-                    row[f"gnorm_{k}_max"] = v.max().item()
+                row["product_bound"] = bound
+        if cfg.fid_every >= 0 and (due(cfg.fid_every) or end):
+            fid = _fid(trainer, cfg)
+            if fid is not None:
+                row.setdefault("step", step)
+                row["fid"] = fid
+        if row:
+            row.setdefault("time_s", round(self.wall(), 3))
+            run.log_metrics(row)
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k != "step" and v is not None:
+                        self.tb.add_scalar(k, v, step)
+        if due(cfg.sample_every) or end:
+            run.save_samples(step, trainer.sample(self.fixed_z))
+        keep = due(cfg.keep_every)
+        if due(cfg.checkpoint_every) or keep or end:
+            if _params_finite(trainer):
+                _checkpoint(trainer, run, cfg, self.wall(), keep=keep)
+                self.last_good = step
+            run.write_status("running", step, cfg.steps, self.wall())
+        self.progress.update(step, self.w_ema)
 
-            if cfg.layer_every and (step % cfg.layer_every == 0 or step == cfg.steps):
-                layers, bound = trainer.layer_norms()
-                if layers:
-                    run.log_layer_norms(step, layers)
-                if bound is not None:
-                    row.setdefault("step", step)
-                    row["product_bound"] = bound
-            if cfg.fid_every >= 0 and (
-                (cfg.fid_every and step % cfg.fid_every == 0) or step == cfg.steps
-            ):
-                fid = _fid(trainer, cfg)
-                if fid is not None:
-                    row.setdefault("step", step)
-                    row["fid"] = fid
-            if row:
-                row.setdefault("time_s", round(wall(), 3))
-                run.log_metrics(row)
-                if tb is not None:
-                    for k, v in row.items():
-                        if k != "step" and v is not None:
-                            tb.add_scalar(k, v, step)
-            if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
-                run.save_samples(step, trainer.sample(fixed_z))
-            keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
-            if (
-                (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                or keep
-                or (step == cfg.steps)
-            ):
-                if _params_finite(trainer):
-                    _checkpoint(trainer, run, cfg, wall(), keep=keep)
-                    last_good = step
-                run.write_status("running", step, cfg.steps, wall())
-            progress.update(step, w_ema)
-    except KeyboardInterrupt:
-        run.write_status("failed", trainer.step, cfg.steps, wall(), "interrupted")
-        raise
-    finally:
-        progress.close()
-        run.close()
-    run.write_status("done", trainer.step, cfg.steps, wall())
-    return run.path
+    def close(self) -> None:
+        """Close the progress bar and the log files (the run can be reopened with resume)."""
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.progress.close()
+            self.run_dir.close()
+
+    def finish(self) -> Path:
+        """Mark the run done when it reached ``cfg.steps``; returns the run folder."""
+        self.close()
+        if self.trainer.step >= self.cfg.steps:
+            self.run_dir.write_status("done", self.trainer.step, self.cfg.steps, self.wall())
+        return self.path
 
 
 def _say(cfg: TrainConfig, stream, msg: str) -> None:
