@@ -14,10 +14,10 @@ from torch import nn
 
 from lipgan.classify import (
     ClassifyConfig,
+    attack_l2,
     certify,
     evaluate,
     load_classifier,
-    pgd_l2,
     plain_copy,
     run,
     train,
@@ -122,7 +122,9 @@ def test_certify_matches_exact_linear_distances():
         )
         dist = torch.where(y == j, dist, torch.minimum(dist, d))
     expect = (z.argmax(1) == y) & (dist > eps)
-    got = certify(model, x, y, eps, lipschitz=float(torch.linalg.svdvals(w.detach())[0]), body_lipschitz=1)
+    got = certify(
+        model, x, y, eps, lipschitz=float(torch.linalg.svdvals(w.detach())[0]), body_lipschitz=1
+    )
     assert torch.equal(got["pairwise"], expect)
     assert expect[20:].any() and not got["pairwise"][:20].any()
     # the global rule is weaker (sqrt2 * ||W|| >= ||w_i - w_j||), never certifies more
@@ -139,7 +141,7 @@ def test_pgd_finds_exact_linear_adversary():
     with torch.no_grad():
         y = model(x).argmax(1)
     eps = 0.2
-    adv = pgd_l2(model, x, y, eps, steps=30)
+    adv = attack_l2(model, x, y, eps, steps=30)
     assert (adv - x).flatten(1).norm(dim=1).max() <= eps * (1 + 1e-5)
     cert = certify(model, x, y, eps, 1.0, body_lipschitz=1.0)["pairwise"]
     with torch.no_grad():

@@ -31,6 +31,7 @@ def _study(tmp_path, **kw) -> StudyConfig:
         grid={"none": [None], "snr": [1e-2, 1.0]},
         eval_n=40,
         overrides=TINY,
+        workers=1,
     )
     base.update(kw)
     return StudyConfig(**base)
@@ -72,6 +73,14 @@ def test_tiny_study_writes_everything_and_resumes(mnist, tmp_path):
     run_study(study, log=logs.append)
     assert "0 to run" in logs[0]
     assert json.loads((out / "study.json").read_text())["n_cells"] == 6
+    # measuring again without training reproduces the deterministic measurements
+    before = (out / "cells.csv").read_text()
+    run_study(study, log=None, reevaluate=True)
+    with open(out / "cells.csv") as fh:
+        again = list(csv.DictReader(fh))
+    for r0, r1 in zip(csv.DictReader(before.splitlines()), again):
+        for key in ("test_acc", "upper_operator_product", "pgd_acc_1", "cert_acc_0.5"):
+            assert float(r1[key]) == pytest.approx(float(r0[key]), rel=1e-4, abs=1e-6), key
 
 
 def test_aggregate_and_spearman_independent():

@@ -19,16 +19,19 @@ def register(sub) -> None:
     g.add_argument("--seeds", type=int, default=3)
     g.add_argument("--train-subset", type=int, default=5000)
     g.add_argument("--model", default="mlp", help="mlp or cnn (default mlp)")
-    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--dataset", default="mnist")
     g.add_argument("--data-dir")
     g.add_argument(
         "--regs", nargs="+", help="regularizers to include (default: none l2 frobenius snr gp sn)"
     )
     g.add_argument("--eval-n", type=int, default=1000, help="test images for robustness checks")
-    g.add_argument("--workers", type=int, default=1, help="cells run in parallel (1 thread each)")
+    g.add_argument("--workers", type=int, default=2, help="cells run in parallel (1 thread each)")
     g.add_argument("--out", default="runs/study-generalization")
     g.add_argument("--gather-only", action="store_true", help="only rebuild CSVs, plots, study.md")
+    g.add_argument(
+        "--reevaluate", action="store_true", help="measure the finished cells again, no training"
+    )
     g.set_defaults(func=_generalization)
 
 
@@ -53,6 +56,6 @@ def _generalization(args) -> int:
     if args.gather_only:
         gather(study)
     else:
-        run_study(study, command=command)
+        run_study(study, command=command, reevaluate=args.reevaluate)
     print(f"see {args.out}/study.md, {args.out}/summary.csv and the plots there")
     return 0

@@ -45,11 +45,11 @@ def _activation(name: str) -> nn.Module:
     if name == "tanh":
         return nn.Tanh()
     if name in ("minmax", "groupsort"):
-        try:  # prefer the constraints module's GroupSort when it exists (one implementation)
-            from lipgan.constraints import GroupSort  # type: ignore[attr-defined]
+        try:  # lipgan.layers' GroupSort when present (one implementation for the package)
+            from lipgan.layers import GroupSort
 
             return GroupSort(2)
-        except (ImportError, TypeError):
+        except ImportError:
             return MinMax()
     raise LipganError(f"unknown activation {name!r}; use relu, tanh or minmax")
 
