@@ -13,6 +13,15 @@ from lipgan import norms
 from lipgan.errors import LipganError
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are small: on a shared 2-core machine extra threads only spin and wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def dense_matrix(layer: nn.Module, shape) -> torch.Tensor:
     """The layer's linear part as a matrix: apply it (bias removed) to every basis vector."""
     n = math.prod(shape)

@@ -7,6 +7,15 @@ from torch import nn
 from lipgan import sensitivity as S
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are small: on a shared 2-core machine extra threads only spin and wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_linear_model_quotients_lie_between_singular_values():
     torch.manual_seed(0)
     lin = nn.Linear(6, 6).double()

@@ -8,6 +8,15 @@ from torch import nn
 from lipgan import smoothness as S
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are small: on a shared 2-core machine extra threads only spin and wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_symmetric(n, seed, definite=False):
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
