@@ -89,6 +89,12 @@ def main() -> None:
         L, _ = lipschitz.lipsdp_neuron(W0, W1, time_limit=budget)
         fo[budget] = (L, time.perf_counter() - t)
         print(f"  LipSDP first-order    {L:.4f}   (budget {budget} s, took {fo[budget][1]:.2f} s)")
+    # iterations rather than seconds: comparable across machines and loads
+    for iters in (0, 25, 50, 100, 200):
+        t = time.perf_counter()
+        L, _ = lipschitz.lipsdp_neuron(W0, W1, time_limit=1e9, max_iter=iters)
+        took = time.perf_counter() - t
+        print(f"  LipSDP first-order    {L:.4f}   ({iters} Adam steps, {took:.2f} s)")
     t = time.perf_counter()
     rep = lipschitz.estimate(model, torch.rand(8, 784), restarts=8, steps=20)
     print(
