@@ -202,6 +202,9 @@ def test_smoke_every_method(tiny, tmp_path, method):
     assert g(torch.randn(2, g.z_dim)).shape == (2, 1, 28, 28)
     ck = torch.load(run.last_checkpoint, weights_only=True)
     assert ck["step"] == 3
+    if method != "sagan":  # attention has no finite product bound; lipschitz refuses it
+        assert rows[-1]["product_bound"] is not None and rows[-1]["product_bound"] > 0
+        assert run.layer_norms_path.read_text().startswith("step,layer,operator_norm")
 
 
 def test_bf16_and_tensorboard(tiny, tmp_path):
@@ -405,3 +408,15 @@ def test_sigkill_resume_is_bit_identical(tmp_path):
         # metrics.csv: the interrupted segment's rows past the checkpoint were dropped
         want_steps = [r["step"] for r in runs.Run(ref).read_metrics()]
         assert [r["step"] for r in runs.Run(out).read_metrics()] == want_steps
+
+
+def test_fid_logged_when_the_extractor_exists(tmp_path):
+    from lipgan import metrics
+
+    if not metrics.available("mnist"):
+        pytest.skip("no shipped MNIST extractor")
+    cfg = TrainConfig(width=4, batch_size=8, steps=1, out=str(tmp_path / "r"), quiet=True,
+                      tensorboard=False, threads=1, fid_n=256, lip_every=0,
+                      layer_every=0)  # fmt: skip
+    rows = runs.Run(gan.train(cfg)).read_metrics()
+    assert rows[-1]["fid"] is not None and rows[-1]["fid"] > 0
