@@ -198,6 +198,8 @@ def test_prdc_matches_brute_force_with_small_chunks():
     brute = _prdc_brute(real, fake)
     for key in brute:
         assert ours[key] == pytest.approx(brute[key], abs=1e-12), key
+    # Cached real radii (as evaluate uses them at N = 10000) give the same scores.
+    assert scores.prdc(real, fake, real_radii=scores.real_radii_of(real, 3, 5)) == ours
 
 
 def test_precision_recall_of_test_against_train(mnist_feats):

@@ -257,3 +257,25 @@ def test_cli_eval_run_writes_eval_json(tmp_path, mnist, monkeypatch, capsys):
     assert list(res) == list(metrics.EVAL_KEYS) and res["n"] == 400
     assert res["classes_covered"] == 10 and res["is"] > 8
     assert "FID" in capsys.readouterr().out
+
+
+@needs_mnist
+def test_cli_eval_run_with_real_run_folder(tmp_path, capsys):
+    runs = pytest.importorskip("lipgan.runs")
+    from lipgan import models
+
+    kwargs = {"width": 4, "z_dim": 16}
+    torch.manual_seed(0)
+    gen = models.build("generator", "dcgan28", **kwargs)
+    run = tmp_path / "run"
+    run.mkdir()
+    runs.export_network(gen, run / "generator.safetensors", "generator", "dcgan28", kwargs)
+    assert main(["eval", str(run), "--n", "256", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((run / "eval.json").read_text())
+    assert printed == saved and saved["n"] == 256
+    # The same samples scored by the library directly.
+    from lipgan.cli.eval import generate
+
+    x = generate(runs.load_network(run, "generator"), 16, 256, seed=0)
+    assert saved == pytest.approx(metrics.evaluate(x, "mnist"), rel=1e-12)

@@ -142,10 +142,11 @@ def evaluate(
     f, p = _ex.features_and_probs(net, x)
     mu, sigma = scores.mean_cov(f)
     real = torch.from_numpy(test.features).double()
+    radii = test.radii
     if real.shape[0] > f.shape[0]:
         # k-NN scores depend on the set sizes: compare equal numbers of real and fake.
         idx = np.random.default_rng(seed).choice(real.shape[0], f.shape[0], replace=False)
-        real = real[np.sort(idx)]
+        real, radii = real[np.sort(idx)], None
     kid_mean, kid_std = scores.kid(
         f, torch.from_numpy(test.features), n_subsets=kid_subsets, seed=seed
     )
@@ -154,7 +155,7 @@ def evaluate(
         "fid": scores.frechet_distance(mu, sigma, test.mu, test.sigma),
         "kid": kid_mean,
         "is": scores.inception_score(p),
-        **scores.prdc(real, f),
+        **scores.prdc(real, f, real_radii=radii),
         "classes_covered": scores.classes_covered(hist, counts),
         "class_kl": scores.class_kl(hist, counts),
         "n": int(x.shape[0]),

@@ -175,6 +175,7 @@ def prdc(
     k_pr: int = 3,
     k_dc: int = 5,
     chunk: int = 2048,
+    real_radii: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Improved precision/recall and density/coverage of ``fake`` ``(M, D)`` against ``real``.
 
@@ -182,12 +183,16 @@ def prdc(
     recall = share of reals inside some fake k-NN ball; density = Σ_j #{i: fake_j ∈ B(real_i,
     r5_i)} / (5 M); coverage = share of reals whose 5-NN ball holds a fake (Naeem et al. 2020).
     Distances are computed ``chunk`` rows at a time, never as a whole N x M matrix.
+    ``real_radii`` may pass the reals' squared k_pr- and k_dc-NN radii when they are cached.
     """
     r = torch.as_tensor(_as_f64(real))
     f = torch.as_tensor(_as_f64(fake))
     if r.shape[1] != f.shape[1]:
         raise LipganError(f"feature dimensions differ: {r.shape[1]} and {f.shape[1]}")
-    r_pr, r_dc = _two_radii(r, k_pr, k_dc, chunk)
+    if real_radii is None:
+        r_pr, r_dc = real_radii_of(r, k_pr, k_dc, chunk)
+    else:
+        r_pr, r_dc = (torch.as_tensor(_as_f64(a)) for a in real_radii)
     f_pr = knn_radii(f, k_pr, chunk)
     precise = torch.zeros(f.shape[0], dtype=torch.bool)
     density_count = torch.zeros(f.shape[0], dtype=torch.float64)
@@ -207,8 +212,11 @@ def prdc(
     }
 
 
-def _two_radii(f: torch.Tensor, k1: int, k2: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k1-th and k2-th nearest-neighbour squared radii from one pass over the distances."""
+def real_radii_of(
+    f: torch.Tensor, k1: int = 3, k2: int = 5, chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared k1-th and k2-th nearest-neighbour radii ``(N,)`` of ``f`` ``(N, D)``, one pass."""
+    f = torch.as_tensor(_as_f64(f))
     kmax = max(k1, k2)
     if f.shape[0] <= kmax:
         raise LipganError(f"k-NN with k={kmax} needs more than {kmax} samples, got {f.shape[0]}")
