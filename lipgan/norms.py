@@ -465,6 +465,7 @@ def conv_operator_norm(
     gram_iter: int = 10,
     gram_grids: int = 2,
     return_vector: bool = False,
+    dense_limit: int = 2048,
 ):
     """Operator norm ``max ||conv(x)|| / ||x||`` of nn.Conv2d / nn.ConvTranspose2d (bias ignored).
 
@@ -476,6 +477,9 @@ def conv_operator_norm(
     padding (Delattre et al. 2023); ``"reshaped"`` sigma of the kernel as a c_out x (c_in k k)
     matrix (what SN-GAN normalizes by, not the operator norm); ``"auto"``: fft where exact, else
     gram. Returns a float (with ``return_vector`` and ``"power"``: (sigma, u of shape (1,C,H,W))).
+    For ``"gram"`` on a layer whose input has at most ``dense_limit`` entries, Gram iteration also
+    runs on the operator's dense matrix (built from the basis vectors): on tiny inputs the circular
+    embedding is several percent loose, the dense bound is not.
     """
     spec = _conv_spec(layer, input_shape)
     if method == "auto":
@@ -550,6 +554,14 @@ def conv_operator_norm(
         bound = float(gram_iteration_bound(mats[cand], gram_iter, prune=True).max())
         # every valid grid gives a valid bound, and their frequency samples differ: keep the least
         best = min(best, bound)
+    n_in = math.prod(spec["input_shape"])
+    if n_in <= dense_limit:
+        # Gram iteration on the dense operator: sigma <= ||G_t||_F^(1/2^t) <= sigma * r^(2^-(t+1)),
+        # so 12 steps are within 0.2% for rank r <= 2048, and the bound stays certified.
+        with torch.no_grad():
+            basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *spec["input_shape"])
+            dense = _apply_conv(basis, spec["weight"].double(), spec).reshape(n_in, -1)
+        best = min(best, float(gram_iteration_bound(dense, max(gram_iter, 12))))
     return best
 
 

@@ -192,12 +192,20 @@ def test_gram_never_below_on_small_layers(layer, shape):
     assert norms.conv_operator_norm(layer, shape, "auto") >= truth * (1 - 1e-9)
 
 
-@pytest.mark.parametrize("layer,shape", GRAM)
+@pytest.mark.parametrize("layer,shape", ZERO + GRAM)
 def test_gram_upper_bound_within_3_percent(layer, shape):
     layer = layer.double()
     truth = dense_sigma(layer, shape)
     got = norms.conv_operator_norm(layer, shape, "gram")
     assert truth * (1 - 1e-9) <= got <= 1.03 * truth
+
+
+@pytest.mark.parametrize("layer,shape", ZERO[:4])
+def test_gram_circular_embedding_alone_is_still_an_upper_bound(layer, shape):
+    layer = layer.double()
+    truth = dense_sigma(layer, shape)
+    got = norms.conv_operator_norm(layer, shape, "gram", dense_limit=0)
+    assert got >= truth * (1 - 1e-9)
 
 
 def test_reshaped_norm_is_the_kernel_matrix_norm_and_below_operator_norm():
