@@ -141,6 +141,25 @@ class ClassifyConfig:
         return c
 
 
+#: fields that change the trained network (the rest only change the measurements)
+_TRAINING_FIELDS = {
+    "model",
+    "activation",
+    "width",
+    "dataset",
+    "data_dir",
+    "train_subset",
+    "epochs",
+    "batch_size",
+    "lr",
+    "reg",
+    "lam",
+    "sn_mode",
+    "certify",
+    "certify_warmup",
+    "seed",
+}
+
 # --------------------------------------------------------------------------- building blocks
 
 
@@ -826,12 +845,16 @@ def run(cfg: ClassifyConfig, log: Callable[[str], None] | None = print) -> dict:
     return results
 
 
-def reevaluate(run_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
+def reevaluate(
+    run_dir: str | Path,
+    log: Callable[[str], None] | None = None,
+    overrides: dict | None = None,
+) -> dict:
     """Measure a finished run folder again (same subset, same seed) without retraining.
 
-    Reads ``config.yaml`` and ``classifier.safetensors``, reruns :func:`evaluate` and rewrites
-    ``results.json`` keeping the training history and time. For when the measurement code
-    changes after a long study.
+    Reads ``config.yaml`` and ``classifier.safetensors``, reruns :func:`evaluate` with the
+    evaluation options in ``overrides`` (eval_n, eps, pgd_steps, ...) and rewrites
+    ``results.json`` (and ``config.yaml``) keeping the training history and time.
     """
     import yaml
 
@@ -839,7 +862,14 @@ def reevaluate(run_dir: str | Path, log: Callable[[str], None] | None = None) ->
     cfg_path, res_path = run_dir / "config.yaml", run_dir / "results.json"
     if not cfg_path.is_file() or not res_path.is_file():
         raise LipganError(f"{run_dir}: not a finished classify run (config.yaml, results.json)")
-    cfg = ClassifyConfig.from_dict(yaml.safe_load(cfg_path.read_text())).resolved()
+    raw = yaml.safe_load(cfg_path.read_text())
+    for key in overrides or {}:
+        if key in _TRAINING_FIELDS:
+            raise LipganError(f"{key} changes training; train a new run instead")
+    raw.update(overrides or {})
+    cfg = ClassifyConfig.from_dict(raw).resolved()
+    if overrides:
+        _write_atomic(cfg_path, yaml.safe_dump(asdict(cfg), sort_keys=False))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = load_classifier(run_dir)
@@ -848,7 +878,8 @@ def reevaluate(run_dir: str | Path, log: Callable[[str], None] | None = None) ->
     ds, tr_x, tr_y = _load_data(cfg)
     old = json.loads(res_path.read_text())
     t0 = time.perf_counter()
-    res = {k: old[k] for k in ("config", "history", "train_s", "n_train", "n_test") if k in old}
+    res = {k: old[k] for k in ("history", "train_s", "n_train", "n_test") if k in old}
+    res["config"] = asdict(cfg)
     res.update(evaluate(model, cfg, _unit(tr_x), tr_y, _unit(ds.test_images), ds.test_labels, log))
     res["summary"] = summary(res)
     res["wall_s"] = old.get("train_s", 0.0) + (time.perf_counter() - t0)

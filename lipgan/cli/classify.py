@@ -38,10 +38,16 @@ def register(sub) -> None:
         help="Lipschitz-margin training for certified L2 robustness at radius EPS",
     )
     p.add_argument("--eps", type=float, nargs="+", help="L2 radii to evaluate (default 0.5 1 2)")
-    p.add_argument("--eval-n", type=int, default=1000, help="test images for robustness checks")
-    p.add_argument("--pgd-steps", type=int, default=20)
-    p.add_argument("--pgd-restarts", type=int, default=1)
-    p.add_argument("--hessian-iters", type=int, default=20, help="power steps for the Hessian")
+    p.add_argument("--eval-n", type=int, help="test images for robustness checks (default 1000)")
+    p.add_argument("--pgd-steps", type=int, help="PGD steps (default 20)")
+    p.add_argument("--pgd-restarts", type=int, help="PGD restarts (default 1)")
+    p.add_argument("--hessian-iters", type=int, help="Lanczos steps for the Hessian (default 20)")
+    p.add_argument("--lipsdp", action="store_true", help="add LipSDP-Neuron upper bounds (slower)")
+    p.add_argument(
+        "--reevaluate",
+        metavar="RUN",
+        help="measure a finished run folder again (no training), with the evaluation flags given",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-eval", action="store_true", help="train and report accuracy only")
     p.add_argument("--out", help="run folder to write (default: print only)")
@@ -49,9 +55,21 @@ def register(sub) -> None:
     p.set_defaults(func=_classify)
 
 
-def _classify(args) -> int:
-    from lipgan.classify import ClassifyConfig, run
+_EVAL_FLAGS = ("eval_n", "pgd_steps", "pgd_restarts", "hessian_iters", "eps")
 
+
+def _classify(args) -> int:
+    from lipgan.classify import ClassifyConfig, reevaluate, run
+
+    given = {k: getattr(args, k) for k in _EVAL_FLAGS if getattr(args, k) is not None}
+    if args.lipsdp:
+        given["lipsdp"] = True
+    if given.get("eps"):
+        given["eps"] = list(given["eps"])
+    if args.reevaluate:
+        res = reevaluate(args.reevaluate, overrides=given)
+        args.out = args.reevaluate
+        return _print(res, args)
     cfg = ClassifyConfig(
         model=args.model,
         activation=args.activation,
@@ -67,17 +85,17 @@ def _classify(args) -> int:
         sn_mode=args.sn_mode,
         certify=args.certify,
         seed=args.seed,
-        eval_n=args.eval_n,
-        pgd_steps=args.pgd_steps,
-        pgd_restarts=args.pgd_restarts,
-        hessian_iters=args.hessian_iters,
         threads=args.threads,
         out=args.out,
         evaluate=not args.no_eval,
     )
-    if args.eps:
-        cfg.eps = list(args.eps)
+    for k, v in given.items():
+        setattr(cfg, k, v)
     res = run(cfg, log=None if args.json else print)
+    return _print(res, args)
+
+
+def _print(res: dict, args) -> int:
     if args.json:
         print(json.dumps(res.get("summary", res.get("accuracy")), indent=2))
         return 0
