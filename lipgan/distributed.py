@@ -65,9 +65,10 @@ def _ddp(module: nn.Module, device: torch.device) -> nn.parallel.DistributedData
 
     Why no per-forward broadcast: a critic step runs two forwards through the critic (scores, and
     the gradient penalty's forward at the interpolates) before one backward. DDP's default
-    broadcasts buffers in place at each forward (rank 0's copy), which can overwrite the
-    spectral-norm u, v that the first forward's graph saved ("modified by an inplace operation",
-    pytorch #22095). It is also unnecessary here: buffers are synced once at construction (DDP's
+    copies rank 0's buffers in place at each forward; a buffer that the first forward's graph
+    saved is then "modified by an inplace operation" at backward (pytorch #22095). lipgan's
+    spectral norm clones u and v into its graph, so it would survive, but a user's constraint
+    need not. The broadcast is also unnecessary here: buffers are synced once at construction (DDP's
     init sync) and every rank then runs the same power iteration on the same weights, so u and v
     stay identical without it (:func:`replicas_in_sync` checks that, and repairs it if it ever
     were not so).
@@ -400,8 +401,9 @@ def _run_rank(
     from lipgan.gan import Session
 
     device = _device_for(cfg, local_rank, world)
-    if cfg.threads <= 0 and device.type == "cpu":
-        # torch's default (one thread per core) in each of N processes oversubscribes the cores
+    if cfg.threads <= 0 and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # torch's default (one thread per core) in each of N processes oversubscribes the cores;
+        # torchrun sets OMP_NUM_THREADS=1 itself, which is then kept
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world or world)))
     own_group = not dist.is_initialized()
     if own_group:
@@ -525,8 +527,9 @@ def launch(
     """Train ``cfg`` with ``nproc`` local processes (DDP); returns the run folder.
 
     ``cfg`` is a TrainConfig or parsed ``lipgan train`` arguments. CPU: gloo, and each process
-    gets ``cores / nproc`` threads unless ``cfg.threads`` says otherwise. CUDA: NCCL, process
-    ``r`` on ``cuda:r``. A LipganError in any process is raised here with its message.
+    gets ``cores / nproc`` threads unless ``cfg.threads`` or OMP_NUM_THREADS say otherwise.
+    CUDA: NCCL, process ``r`` on ``cuda:r``. A LipganError in any process is raised here with
+    its message.
     ``start_method``: ``spawn`` (safe anywhere; each process imports torch anew, seconds) or
     ``fork`` (Linux, CPU only, starts at once; safe when this process has not initialized CUDA,
     as the workers set their thread count before any parallel work).
