@@ -244,7 +244,7 @@ class TrainConfig:
     # recording
     log_every: int = 10  # metrics.csv row every N generator steps
     lip_every: int = 100  # gradient norms at real/fake/interpolates (0: off)
-    layer_every: int = 1000  # layer_norms.csv and product_bound (0: off; costs seconds)
+    layer_every: int = 1000  # layer_norms.csv and product_bound (0: off; costs seconds to minutes)
     sample_every: int = 500  # sample grid (always at the end)
     checkpoint_every: int = 200  # checkpoints/last.pt (always at the end)
     keep_every: int = 1000  # checkpoints/step_XXXXXX.pt kept (0: never)
