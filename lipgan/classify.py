@@ -349,14 +349,7 @@ def _converge_spectral_norms(model: nn.Module, method) -> None:
     measured in the tests); converging once at the end makes every body layer at most 1-Lipschitz,
     as the certificates assume.
     """
-    if hasattr(method, "converge"):
-        method.converge(model)
-        return
-    from lipgan import layers
-
-    for layer in layers.weight_layers(model):
-        for p in layers.spectral_norm_parametrizations(layer):
-            p.converge(layer.parametrizations.weight.original.detach())
+    method.converge(model)
 
 
 def plain_copy(model: nn.Sequential, name: str, kwargs: dict) -> nn.Sequential:
@@ -752,52 +745,16 @@ def summary(results: dict) -> dict:
 def save_classifier(model: nn.Sequential, path: str | Path, name: str, kwargs: dict) -> None:
     """Export plain weights to safetensors with lipgan's self-describing metadata
     (``lipgan_kind="classifier"``, ``lipgan_model``, ``lipgan_kwargs`` as JSON)."""
-    try:
-        from lipgan.runs import export_network
-    except ImportError:  # the run-folder module is optional for the study
-        export_network = None
-    if export_network is not None:
-        export_network(model, path, "classifier", name, kwargs)
-        return
-    from safetensors.torch import save_file
+    from lipgan.runs import export_network
 
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {
-        "lipgan_kind": "classifier",
-        "lipgan_model": name,
-        "lipgan_kwargs": json.dumps(kwargs, sort_keys=True),
-    }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    export_network(model, path, "classifier", name, kwargs)
 
 
 def load_classifier(path: str | Path) -> nn.Sequential:
     """Load a classifier exported by :func:`save_classifier` (or a run folder holding one)."""
-    try:
-        from lipgan.runs import load_network
-    except ImportError:
-        load_network = None
-    if load_network is not None:
-        return load_network(path, which="classifier")
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from lipgan.runs import load_network
 
-    from lipgan.models import build
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "classifier.safetensors"
-    if not path.is_file():
-        raise LipganError(f"{path}: no such file; pass a run folder or a .safetensors file")
-    with safe_open(str(path), "pt") as fh:
-        meta = fh.metadata() or {}
-    if meta.get("lipgan_kind") != "classifier":
-        raise LipganError(f"{path}: not a lipgan classifier export (metadata {meta})")
-    model = build("classifier", meta["lipgan_model"], **json.loads(meta["lipgan_kwargs"]))
-    model.load_state_dict(load_file(str(path)))
-    return model.eval()
+    return load_network(path, which="classifier")
 
 
 def _write_atomic(path: Path, text: str) -> None:

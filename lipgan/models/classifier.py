@@ -14,29 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from lipgan.errors import LipganError
+from lipgan.layers import GroupSort
 from lipgan.models import register
-
-
-class MinMax(nn.Module):
-    """GroupSort with groups of 2 ("MinMax", Anil et al. 2019): sorts each pair of channels.
-
-    ``(a, b) -> (min(a, b), max(a, b))`` along dim 1. It is a permutation on every input, so it is
-    1-Lipschitz in L2 and keeps gradient norms (unlike ReLU), which is what GloRo's certified
-    MNIST networks use. Shapes: ``(B, C, ...) -> (B, C, ...)`` with ``C`` even.
-    """
-
-    lipschitz_constant = 1.0  # read by bounds that know no better
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        if c % 2:
-            raise LipganError(f"MinMax needs an even number of channels, got {c}")
-        a, b = x.unflatten(1, (c // 2, 2)).unbind(2)
-        return torch.stack([torch.minimum(a, b), torch.maximum(a, b)], dim=2).flatten(1, 2)
 
 
 def _activation(name: str) -> nn.Module:
@@ -45,12 +27,8 @@ def _activation(name: str) -> nn.Module:
     if name == "tanh":
         return nn.Tanh()
     if name in ("minmax", "groupsort"):
-        try:  # lipgan.layers' GroupSort when present (one implementation for the package)
-            from lipgan.layers import GroupSort
-
-            return GroupSort(2)
-        except ImportError:
-            return MinMax()
+        # MinMax = GroupSort with pairs (Anil et al. 2019): 1-Lipschitz, gradient-norm preserving
+        return GroupSort(2)
     raise LipganError(f"unknown activation {name!r}; use relu, tanh or minmax")
 
 
