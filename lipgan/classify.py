@@ -14,8 +14,8 @@ writes a run folder:
 A certified mode (``certify=EPS``) trains with Lipschitz-margin training (Tsuzuku, Sato & Sugiyama
 2018) in the pairwise form of GloRo nets (Leino, Wang & Fredrikson 2021): the body is made
 1-Lipschitz with operator-norm spectral normalization, and the logit of every wrong class j is
-raised by ``eps * L_body * ||w_y - w_j||`` during training, so the network learns margins that a
-guaranteed Lipschitz bound can certify.
+raised by ``eps * ||w_y - w_j||`` during training (``L_body = 1`` after the normalization), so the
+network learns margins that a guaranteed Lipschitz bound can certify.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ REGULARIZERS = {
 # l2: 5e-4 is the weight decay of the classic CIFAR/ImageNet recipes (He et al. 2016);
 # frobenius: lam*||W||_F^2 has gradient 2*lam*W, so 2.5e-4 matches weight decay 5e-4;
 # snr: Yoshida & Miyato (2017) report lam in 0.01..0.1 for lam/2 * sum sigma^2;
-# gp: input-gradient penalties on classifiers (Drucker & LeCun 1992; Ross & Doshi-Velez 2018) use
-# 0.01..1 on the squared norm.
+# gp: lipgan's WGAN-GP penalty at the training images (fake=None), lam*(||J^T r|| - 1)^2; WGAN-GP's
+# 10 is for a critic's unbounded score, a classifier's cross-entropy is O(1): 0.1 (swept 0.01..10).
 DEFAULT_LAM = {"none": 0.0, "l2": 5e-4, "frobenius": 2.5e-4, "snr": 0.01, "sn": 0.0, "gp": 0.1}
 
 #: GloRo's deterministic L2 results on MNIST (Leino et al. 2021, Table 2): verified-robust accuracy

@@ -96,6 +96,8 @@ def _classify(args) -> int:
 
 
 def _print(res: dict, args) -> int:
+    from lipgan.classify import GLORO_MNIST
+
     if args.json:
         print(json.dumps(res.get("summary", res.get("accuracy")), indent=2))
         return 0
@@ -114,6 +116,9 @@ def _print(res: dict, args) -> int:
                 if "certified_pairwise_acc" in r
                 else ""
             )
+            ref = GLORO_MNIST.get(float(eps)) if res["config"].get("certify") else None
+            if ref is not None:
+                extra += f"  (GloRo, Leino et al. 2021: {ref:.3f})"
             print(
                 f"eps {eps:>4s}: gauss acc {r['gauss_acc']:.4f}  PGD acc {r['pgd_acc']:.4f}  "
                 f"certified {r['certified_acc']:.4f}{extra}"
