@@ -46,7 +46,8 @@ def register(sub) -> None:
     p.add_argument(
         "--reevaluate",
         metavar="RUN",
-        help="measure a finished run folder again (no training), with the evaluation flags given",
+        help="measure a finished run folder again (no training); evaluation flags given here "
+        "replace those in RUN/config.yaml, the others are kept from it",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-eval", action="store_true", help="train and report accuracy only")
