@@ -600,15 +600,10 @@ def maybe_run(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--nproc`` to a ``lipgan train`` parser."""
-    parser.add_argument(
-        "--nproc",
-        type=int,
-        default=1,
-        metavar="N",
-        help="train with N local processes (DistributedDataParallel: gloo on CPU, NCCL on "
-        "CUDA); --batch-size is the global batch. Under torchrun, torchrun decides",
-    )
+    """Add ``--nproc`` to a ``lipgan train`` parser (the flag is defined in lipgan.cli.train)."""
+    from lipgan.cli.train import add_nproc_argument
+
+    add_nproc_argument(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,8 +226,12 @@ def _check_chain(model: nn.Module, leaves: list[_Leaf], input_shape) -> None:
 
 
 def _prepare(model: nn.Module) -> nn.Module:
-    """A float64 copy in eval mode: Dropout off, BatchNorm on running stats, no SN updates."""
-    m = copy.deepcopy(model)
+    """A float64 CPU copy in eval mode: Dropout off, BatchNorm on running stats, no SN updates.
+
+    On the CPU because the analysis is float64 and small-batch (and so that a model trained on a
+    GPU is bounded the same way); the caller's model is left where it is.
+    """
+    m = copy.deepcopy(model).cpu()
     m.eval()
     return m.double()
 
@@ -685,7 +689,7 @@ def lower_bounds(
     batch x), ``pairs`` = max ||f(x1) - f(x2)|| / ||x1 - x2|| over data pairs, pairs along the
     top singular direction, and pairs ascended by gradient steps. x: (B, *input_shape)."""
     m = model if _prepared else _prepare(model)
-    x = x.detach().to(torch.float64)
+    x = x.detach().to("cpu", torch.float64)
     g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
 

@@ -559,8 +559,10 @@ def conv_operator_norm(
         # Gram iteration on the dense operator: sigma <= ||G_t||_F^(1/2^t) <= sigma * r^(2^-(t+1)),
         # so 12 steps are within 0.2% for rank r <= 2048, and the bound stays certified.
         with torch.no_grad():
-            basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *spec["input_shape"])
-            dense = _apply_conv(basis, spec["weight"].double(), spec).reshape(n_in, -1)
+            w64 = spec["weight"].double()
+            basis = torch.eye(n_in, dtype=torch.float64, device=w64.device)
+            basis = basis.reshape(n_in, *spec["input_shape"])
+            dense = _apply_conv(basis, w64, spec).reshape(n_in, -1)
         best = min(best, float(gram_iteration_bound(dense, max(gram_iter, 12))))
     return best
 

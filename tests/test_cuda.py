@@ -48,6 +48,9 @@ def test_every_method_trains_on_cuda(tmp_path, method, precision):
             if row.get(key):
                 assert math.isfinite(float(row[key])), (key, row)
     assert (run / "samples" / "last.png").stat().st_size > 0
+    if gan.resolve(cfg).model == "dcgan28":  # the analysis of a CUDA critic must not fail
+        bounds = [r["product_bound"] for r in rows if r.get("product_bound")]
+        assert bounds and all(math.isfinite(float(b)) for b in bounds)
 
 
 def test_resume_on_cuda_continues_the_run(tmp_path):

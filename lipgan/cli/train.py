@@ -122,6 +122,7 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML of TrainConfig fields")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     _add_config_flags(p)
+    add_nproc_argument(p)
     p.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="sample grid (or interpolations) from a trained generator")
@@ -184,12 +185,26 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(base)
 
 
+def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train with N local processes (DistributedDataParallel: gloo on CPU, NCCL on CUDA); "
+        "--batch-size is the global batch; under torchrun, torchrun decides",
+    )
+
+
 def _train(args) -> int:
-    from lipgan import gan
+    from lipgan import distributed, gan
 
     cfg = config_from_args(args)
-    path = gan.train(cfg, resume=bool(args.resume))
-    print(path)
+    path = distributed.maybe_run(cfg, args.nproc, resume=bool(args.resume))
+    if path is None:
+        path = gan.train(cfg, resume=bool(args.resume))
+    if distributed.is_main_process():
+        print(path)
     return 0
 
 
