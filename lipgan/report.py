@@ -38,25 +38,6 @@ import numpy as np
 
 from lipgan.errors import LipganError
 
-#: metrics.csv columns, as written by the trainer (lipgan.runs).
-METRIC_COLUMNS = (
-    "step",
-    "time_s",
-    "wasserstein",
-    "loss_d",
-    "loss_g",
-    "penalty",
-    "gnorm_real_mean",
-    "gnorm_real_max",
-    "gnorm_fake_mean",
-    "gnorm_fake_max",
-    "gnorm_interp_mean",
-    "gnorm_interp_max",
-    "product_bound",
-    "fid",
-    "ms_per_step",
-)
-
 #: eval.json keys in table order, with their headers and whether lower is better.
 EVAL_KEYS: tuple[tuple[str, str, str], ...] = (
     ("fid", "FID", "lower is better"),

@@ -38,25 +38,8 @@ import yaml
 from torch import nn
 
 from lipgan.errors import LipganError
+from lipgan.schema import LAYER_COLUMNS, METRIC_COLUMNS
 
-METRIC_COLUMNS = (
-    "step",
-    "time_s",
-    "wasserstein",
-    "loss_d",
-    "loss_g",
-    "penalty",
-    "gnorm_real_mean",
-    "gnorm_real_max",
-    "gnorm_fake_mean",
-    "gnorm_fake_max",
-    "gnorm_interp_mean",
-    "gnorm_interp_max",
-    "product_bound",
-    "fid",
-    "ms_per_step",
-)
-LAYER_COLUMNS = ("step", "layer", "operator_norm", "reshaped_norm")
 CHECKPOINT_FORMAT = "lipgan-checkpoint"
 CHECKPOINT_VERSION = 1
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from lipgan import report
+from lipgan import report, schema
 from lipgan.errors import LipganError
 
-COLUMNS = report.METRIC_COLUMNS
+COLUMNS = schema.METRIC_COLUMNS
 
 
 def _png(width: int = 8, height: int = 8) -> bytes:
