@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -180,8 +181,9 @@ def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
             if len(dims_raw) < 4 * ndim:
                 raise LipganError(f"{path}: truncated IDX header ({ndim} dimensions announced)")
             dims = tuple(int.from_bytes(dims_raw[4 * i : 4 * i + 4], "big") for i in range(ndim))
-            expected = int(np.prod(dims, dtype=np.float64))
-            if expected != int(np.prod([int(d) for d in dims])) or expected > (1 << 34):
+            expected = math.prod(dims)
+            # Zero-size sets with huge other dimensions are absurd too (and numpy cannot shape them)
+            if math.prod(max(d, 1) for d in dims) > (1 << 34):
                 raise LipganError(f"{path}: IDX header announces an absurd size {dims}")
             if not isinstance(fh, gzip.GzipFile):  # plain file: compare its size before reading
                 have = path.stat().st_size - 4 - 4 * ndim

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lipgan import data
@@ -260,6 +260,7 @@ def test_read_idx_random_bytes_never_raise_anything_but_lipganerror(tmp_path, bl
     dims=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=4),
     have=st.integers(0, 2000),
 )
+@example(dims=[0, 68788, 68788, 1_949_235_722], have=0)  # zero images, absurd image shape
 def test_read_idx_any_header_never_allocates_what_it_announces(tmp_path, dims, have):
     path = tmp_path / "hdr"
     path.write_bytes(_idx(tuple(dims), payload=bytes(have)))
