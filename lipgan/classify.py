@@ -382,6 +382,20 @@ def plain_copy(model: nn.Sequential, name: str, kwargs: dict) -> nn.Sequential:
 
 
 @torch.no_grad()
+def generalization_gap(model, train_x, train_y, test_x, test_y) -> dict:
+    """Train/test accuracy and loss and their gaps (train - test accuracy, test - train loss)."""
+    tr_acc, tr_loss = accuracy_and_loss(model, train_x, train_y)
+    te_acc, te_loss = accuracy_and_loss(model, test_x, test_y)
+    return {
+        "train_acc": tr_acc,
+        "test_acc": te_acc,
+        "train_loss": tr_loss,
+        "test_loss": te_loss,
+        "gap_acc": tr_acc - te_acc,
+        "gap_loss": te_loss - tr_loss,
+    }
+
+
 def accuracy_and_loss(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000
 ) -> tuple[float, float]:
@@ -562,16 +576,7 @@ def evaluate(
     out: dict = {}
 
     t = time.perf_counter()
-    tr_acc, tr_loss = accuracy_and_loss(model, train_x, train_y)
-    te_acc, te_loss = accuracy_and_loss(model, test_x, test_y)
-    out["accuracy"] = {
-        "train_acc": tr_acc,
-        "test_acc": te_acc,
-        "train_loss": tr_loss,
-        "test_loss": te_loss,
-        "gap_acc": tr_acc - te_acc,
-        "gap_loss": te_loss - tr_loss,
-    }
+    out["accuracy"] = generalization_gap(model, train_x, train_y, test_x, test_y)
     timings["accuracy"] = time.perf_counter() - t
 
     gen = torch.Generator().manual_seed(cfg.seed + 12345)
@@ -785,16 +790,9 @@ def run(cfg: ClassifyConfig, log: Callable[[str], None] | None = print) -> dict:
         results.update(evaluate(tr.plain, cfg, tr.train_x, tr.train_y, tr.test_x, tr.test_y, log))
         results["summary"] = summary(results)
     else:
-        tr_acc, tr_loss = accuracy_and_loss(tr.plain, tr.train_x, tr.train_y)
-        te_acc, te_loss = accuracy_and_loss(tr.plain, tr.test_x, tr.test_y)
-        results["accuracy"] = {
-            "train_acc": tr_acc,
-            "test_acc": te_acc,
-            "train_loss": tr_loss,
-            "test_loss": te_loss,
-            "gap_acc": tr_acc - te_acc,
-            "gap_loss": te_loss - tr_loss,
-        }
+        results["accuracy"] = generalization_gap(
+            tr.plain, tr.train_x, tr.train_y, tr.test_x, tr.test_y
+        )
     results["wall_s"] = time.perf_counter() - t0
     if out is not None:
         save_classifier(tr.plain, out / "classifier.safetensors", cfg.model, tr.kwargs)
