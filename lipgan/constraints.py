@@ -342,6 +342,23 @@ class _KeptPowerIteration:
         return u, v
 
 
+_FORMS = ("sum", "bound")
+
+
+def _check_form(form: str) -> str:
+    if form not in _FORMS:
+        raise LipganError(f"unknown regularizer form {form!r}; use sum or bound")
+    return form
+
+
+def _bound_penalty(lam: float, norms: list[torch.Tensor]) -> torch.Tensor:
+    """``lam * max(0, prod_l n_l - 1)^2``: the squared excess over 1 of the network's product
+    bound. Unlike ``sum_l n_l^2`` it grows faster (degree 2L) than a Wasserstein critic's gain
+    (degree L for L homogeneous layers), so the critic's loss stays bounded below."""
+    bound = torch.stack(norms).prod()
+    return lam * torch.relu(bound - 1.0).square()
+
+
 @register("spectral-norm-reg")
 class SpectralNormRegularizer(Constraint):
     """Spectral norm regularization (Yoshida & Miyato 2017): ``lam/2 * sum_l sigma_l^2``.
@@ -356,10 +373,11 @@ class SpectralNormRegularizer(Constraint):
 
     name = "spectral-norm-reg"
 
-    def __init__(self, lam: float = 0.01, n_power_iterations: int = 1) -> None:
+    def __init__(self, lam: float = 0.01, n_power_iterations: int = 1, form: str = "sum") -> None:
         super().__init__()
         _check_positive("lam", lam)
         self.lam = float(lam)
+        self.form = _check_form(form)
         self.n_power_iterations = int(n_power_iterations)
         self._power = _KeptPowerIteration()
 
@@ -381,6 +399,8 @@ class SpectralNormRegularizer(Constraint):
         sig = self.sigmas(critic)
         if not sig:
             return None
+        if self.form == "bound":
+            return _bound_penalty(self.lam, sig)
         return 0.5 * self.lam * torch.stack(sig).square().sum()
 
 
@@ -395,15 +415,18 @@ class FrobeniusRegularizer(Constraint):
 
     name = "frobenius-reg"
 
-    def __init__(self, lam: float = 5e-5) -> None:
+    def __init__(self, lam: float = 5e-5, form: str = "sum") -> None:
         super().__init__()
         _check_positive("lam", lam)
         self.lam = float(lam)
+        self.form = _check_form(form)
 
     def penalty(self, critic, real=None, fake=None):
         ws = [layer.weight for layer in _layers.weight_layers(critic)]
         if not ws:
             return None
+        if self.form == "bound":
+            return _bound_penalty(self.lam, [w.float().norm() for w in ws])
         return self.lam * sum(w.float().square().sum() for w in ws)
 
 

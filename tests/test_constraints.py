@@ -578,6 +578,62 @@ def test_frobenius_regularizer_lowers_the_frobenius_norm():
     assert all(a < 0.9 * b for a, b in zip(after, before))
 
 
+@pytest.mark.parametrize("name", ["spectral-norm-reg", "frobenius-reg"])
+def test_bound_form_penalizes_the_excess_of_the_norm_product(name):
+    torch.manual_seed(18)
+    net = small_critic()
+    reg = C.get(name, lam=2.0, form="bound")
+    reg.attach(net)
+    for _ in range(60):
+        reg.penalty(net)
+    if name == "spectral-norm-reg":
+        norms = [reshaped_sigma(m) for m in L.weight_layers(net)]
+    else:
+        norms = [float(m.weight.detach().double().norm()) for m in L.weight_layers(net)]
+    prod = math.prod(norms)
+    assert reg.penalty(net).item() == pytest.approx(2.0 * max(prod - 1.0, 0.0) ** 2, rel=1e-3)
+    with torch.no_grad():  # below 1 the penalty is zero
+        for m in L.weight_layers(net):
+            m.weight.mul_(0.5 / prod ** (1 / len(norms)))
+    for _ in range(60):
+        reg.penalty(net)
+    assert reg.penalty(net).item() == 0.0
+    with pytest.raises(LipganError, match="form"):
+        C.get(name, form="max")
+
+
+@pytest.mark.parametrize("name", ["spectral-norm-reg", "frobenius-reg"])
+def test_only_the_bound_form_keeps_a_wasserstein_critic_loss_bounded_below(name):
+    """Scaling every weight of a 3-layer bias-free ReLU critic by s multiplies its gain
+    E[D(real)] - E[D(fake)] by s^3: the sum form (degree 2) loses to it, the bound form
+    (degree 6) wins, so only the bound form gives the critic a finite optimum."""
+    torch.manual_seed(19)
+    net = nn.Sequential(
+        nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 16, bias=False), nn.ReLU(),
+        nn.Linear(16, 1, bias=False),
+    )  # fmt: skip
+    real, fake = torch.randn(64, 8) + 1.0, torch.randn(64, 8)
+    base = [m.weight.detach().clone() for m in L.weight_layers(net)]
+
+    def critic_loss(reg, s):
+        with torch.no_grad():
+            for m, w in zip(L.weight_layers(net), base):
+                m.weight.copy_(s * w)
+        reg.attach(net)
+        for _ in range(30):
+            reg.penalty(net)
+        gain = net(real).mean() - net(fake).mean()
+        return float((-abs(gain) + reg.penalty(net)).detach())
+
+    for form in ("sum", "bound"):
+        reg = C.get(name, lam=1.0, form=form)
+        losses = [critic_loss(reg, s) for s in (1.0, 1e2, 1e4)]
+        if form == "sum":  # heading for -infinity
+            assert losses[2] < min(losses[0], 0.0), (form, losses)
+        else:
+            assert losses[2] > losses[1] > losses[0], (form, losses)
+
+
 def test_l2_weight_decay_equals_frobenius_regularizer_for_sgd():
     """SGD with weight_decay = 2 lam takes the same steps as SGD on loss + lam sum ||W||_F^2."""
     torch.manual_seed(16)

@@ -86,6 +86,32 @@ def test_presets_cover_the_contract_and_cite_sources():
         assert cite in src
 
 
+def test_wasserstein_regularizer_presets_use_the_bound_form_and_user_options_win():
+    for method, constraint in (("snr", "spectral-norm-reg"), ("frobenius", "frobenius-reg")):
+        cfg = gan.resolve(TrainConfig(method=method))
+        assert cfg.constraint == constraint
+        assert cfg.constraint_options == {"form": "bound", "lam": 10.0}
+        assert C.get(cfg.constraint, **cfg.constraint_options).form == "bound"
+        mine = gan.resolve(TrainConfig(method=method, constraint_options={"form": "sum"}))
+        assert mine.constraint_options == {"form": "sum", "lam": 10.0}
+        assert gan.resolve(mine) == mine  # resolving twice changes nothing
+        other = gan.resolve(TrainConfig(method=method, constraint="gradient-penalty"))
+        assert other.constraint_options == {}
+
+
+def test_auto_precision_is_resolved_to_what_runs_and_recorded(tiny, tmp_path):
+    cfg = gan.resolve(TrainConfig(method="sn", device="cpu"))
+    native = gan.native_bf16(torch.device("cpu"))
+    assert cfg.precision == ("bf16" if native else "fp32")
+    assert cfg.channels_last is native  # channels-last follows bf16 on a CPU
+    assert gan.resolve(TrainConfig(precision="fp32", device="cpu")).channels_last is False
+    kept = gan.resolve(TrainConfig(precision="bf16", channels_last=False, device="cpu"))
+    assert (kept.precision, kept.channels_last) == ("bf16", False)
+    path = gan.train(_cfg(tiny, tmp_path, steps=2))
+    written = yaml.safe_load((path / "config.yaml").read_text())
+    assert written["precision"] in ("fp32", "bf16") and isinstance(written["channels_last"], bool)
+
+
 def test_bad_config_values_are_lipgan_errors():
     for kw in ({"method": "wgan-xx"}, {"loss": "l1"}, {"precision": "fp16"}, {"steps": 0},
                {"on_nan": "ignore"}):  # fmt: skip
@@ -130,7 +156,9 @@ class LinearCritic(nn.Module):
 
 def test_critic_step_wasserstein_and_graph_hygiene(tiny):
     torch.manual_seed(0)
-    cfg = TrainConfig(method="wgan-gp", width=4, batch_size=8, threads=1, dataset=tiny)
+    cfg = TrainConfig(
+        method="wgan-gp", width=4, batch_size=8, threads=1, dataset=tiny, precision="fp32"
+    )
     t = GANTrainer(cfg, torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8))
     real = t.batches.sample(8)[0]
     fake = t.make_fakes(t.sample_z(8))

@@ -42,7 +42,8 @@ HELP = {
     "batch_size": "samples per batch (real and fake each)",
     "seed": "seed of every random stream (weights, batches, noise)",
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
-    "precision": "fp32, or bf16 autocast (gradient-penalty norms stay float32)",
+    "precision": "auto (bf16 where the device has native bf16, else fp32), fp32, or bf16 autocast"
+    " (gradient-penalty norms stay float32)",
     "out": "run folder (default runs/<method>-<model>-<time>)",
     "constraint": "Lipschitz method of the critic, a lipgan.constraints name (preset's)",
     "constraint_options": "KEY=VALUE option of the constraint, e.g. lam=5 (repeatable)",
@@ -74,7 +75,8 @@ HELP = {
     "max_rollbacks": "rollbacks before giving up",
     "threads": "torch CPU threads (0: torch's default)",
     "compile": "torch.compile the networks (never a critic with a gradient penalty)",
-    "channels_last": "channels-last memory format for the convolutions",
+    "channels_last": "channels-last memory format for the convolutions (default: on with bf16 on"
+    " a CPU)",
 }
 
 
