@@ -16,6 +16,10 @@ Running it again on the same folder resumes: a run whose status.json says ``done
 that was interrupted (``running``) resumes from its last checkpoint with what is left of its
 budget, a missing one is trained; a ``failed`` run (a non-finite loss) is kept and reported with
 its reason, unless ``retry_failed`` moves it aside and trains it again.
+
+With ``jobs`` > 1 the runs are trained ``jobs`` at a time, each in a worker process limited to
+``cpu_count // jobs`` torch threads (or the ``threads`` training option); the main process logs
+their progress and rewrites results.csv as each one ends.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ import csv
 import json
 import math
 import os
+import queue
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -64,6 +71,8 @@ class CompareConfig:
     evaluate: bool = True
     retry_failed: bool = False
     quiet: bool = False
+    #: runs trained at the same time, each in its own process (1: one after the other, in-process)
+    jobs: int = 1
 
     def train_flags(self) -> dict:
         """Every TrainConfig field compare sets the same for all runs."""
@@ -115,6 +124,11 @@ def _check(cfg: CompareConfig) -> None:
         raise LipganError(f"--steps must be at least 1, got {cfg.steps}")
     if cfg.seeds < 1:
         raise LipganError(f"--seeds must be at least 1, got {cfg.seeds}")
+    if isinstance(cfg.jobs, bool) or not isinstance(cfg.jobs, int) or cfg.jobs < 1:
+        raise LipganError(
+            f"--jobs must be a whole number of runs at a time, 1 or more (1: one after the "
+            f"other), got {cfg.jobs!r}"
+        )
     if not cfg.methods:
         raise LipganError("no methods to compare; pass --methods wgan-gp,sn,...")
     if len(set(cfg.methods)) != len(cfg.methods):
@@ -163,18 +177,23 @@ def budget_slack(budget_s: float) -> float:
     return max(0.03 * budget_s, 0.5)
 
 
-def _train_config(plan: RunPlan, cfg: CompareConfig, steps: int, resume: bool):
+def _train_config(
+    plan: RunPlan, cfg: CompareConfig, steps: int, resume: bool, threads: int | None = None
+):
     """The TrainConfig of one chunk: a new run from the preset and the training flags, or, to
-    resume, the run's own config.yaml with only ``steps`` changed (as `lipgan train --resume`)."""
+    resume, the run's own config.yaml with only ``steps`` changed (as `lipgan train --resume`).
+    ``threads`` (a worker's share of the CPU with ``jobs`` > 1) overrides both."""
     from lipgan import gan, runs
 
+    own = {} if threads is None else {"threads": int(threads)}
     if resume:
         base = runs.Run(plan.path).read_config()
-        base.update(out=str(plan.path), steps=int(steps), quiet=cfg.quiet)
+        base.update(out=str(plan.path), steps=int(steps), quiet=cfg.quiet, **own)
         return gan.TrainConfig.from_dict(base)
     return gan.TrainConfig.from_dict(
         {
             **cfg.train_flags(),
+            **own,
             "method": plan.method,
             "seed": plan.seed,
             "steps": int(steps),
@@ -184,19 +203,32 @@ def _train_config(plan: RunPlan, cfg: CompareConfig, steps: int, resume: bool):
     )
 
 
-def _train_one(plan: RunPlan, cfg: CompareConfig, say: Callable[[str], None]) -> None:
-    """Train or resume one run to its bound; the trainer writes everything in the folder."""
+def _train_one(
+    plan: RunPlan,
+    cfg: CompareConfig,
+    say: Callable[[str], None],
+    threads: int | None = None,
+    stream=None,
+) -> None:
+    """Train or resume one run to its bound; the trainer writes everything in the folder.
+    ``threads`` and ``stream`` (the trainer's progress lines) are set in worker processes only."""
     from lipgan import gan
 
     resume = plan.action == "resume"
     if cfg.steps is not None:
-        gan.train(_train_config(plan, cfg, cfg.steps, resume), resume=resume)
+        kw = {} if stream is None else {"stream": stream}
+        gan.train(_train_config(plan, cfg, cfg.steps, resume, threads), resume=resume, **kw)
         return
-    _train_budget(plan, cfg, resume, say)
+    _train_budget(plan, cfg, resume, say, threads, stream)
 
 
 def _train_budget(
-    plan: RunPlan, cfg: CompareConfig, resume: bool, say: Callable[[str], None]
+    plan: RunPlan,
+    cfg: CompareConfig,
+    resume: bool,
+    say: Callable[[str], None],
+    threads: int | None = None,
+    stream=None,
 ) -> None:
     """Train for ``cfg.budget_s`` of the trainer's own wall clock (``status.json``'s ``wall_s``,
     which adds up over resumes), with the trainer's public API only: it takes a number of steps,
@@ -218,7 +250,8 @@ def _train_budget(
         add = FIRST_CHUNK if rate is None else int(CHUNK_SHARE * left / rate)
         if add < 1:
             return
-        gan.train(_train_config(plan, cfg, step + add, resume), resume=resume)
+        kw = {} if stream is None else {"stream": stream}
+        gan.train(_train_config(plan, cfg, step + add, resume, threads), resume=resume, **kw)
         resume = True
         status = _status(plan.path)
         new_step, new_wall = int(status.get("step") or 0), float(status.get("wall_s") or 0.0)
@@ -406,7 +439,8 @@ def run_compare(
 
     Returns ``{"results": path, "report": path or None}``. A run that raises is recorded as
     failed by the trainer and does not stop the others; KeyboardInterrupt stops the comparison
-    (the interrupted run resumes next time).
+    (the interrupted run resumes next time). With ``cfg.jobs`` > 1 the runs go to a pool of
+    worker processes (see :func:`_run_parallel`); the outcome is the same.
     """
     _check(cfg)
     log = log or (lambda msg: None if cfg.quiet else print(msg, file=sys.stderr, flush=True))
@@ -415,48 +449,265 @@ def run_compare(
     plans = plan_runs(cfg)
     todo = [p for p in plans if p.action != "keep"]
     per_run = f"{format_duration(cfg.budget_s)} each" if cfg.budget_s else f"{cfg.steps} steps each"
-    est = f", about {format_duration(cfg.budget_s * len(todo))}" if cfg.budget_s and todo else ""
+    rounds = math.ceil(len(todo) / cfg.jobs)  # runs of equal length, jobs at a time
+    est = f", about {format_duration(cfg.budget_s * rounds)}" if cfg.budget_s and todo else ""
+    at_a_time = f", {cfg.jobs} at a time" if cfg.jobs > 1 and todo else ""
     log(
         f"compare: {len(cfg.methods)} method(s) x {cfg.seeds} seed(s) = {len(plans)} runs, "
         f"{per_run}; {len(plans) - len(todo)} kept, "
         f"{sum(p.action == 'resume' for p in todo)} to resume, "
-        f"{sum(p.action == 'train' for p in todo)} to train{est}"
+        f"{sum(p.action == 'train' for p in todo)} to train{est}{at_a_time}"
     )
     dataset = cfg.dataset or "mnist"
     can_eval = cfg.evaluate and _metrics_available(dataset, log)
-    for i, plan in enumerate(plans, 1):
-        tag = f"[{i}/{len(plans)}] {plan.path.name}"
-        if plan.action == "keep":
-            log(f"{tag}: {_status(plan.path).get('state')}, kept")
-        else:
-            if plan.action == "train":
-                _clear_for_training(plan, out)
-            log(f"{tag}: {plan.action}")
-            try:
-                _train_one(plan, cfg, lambda msg, tag=tag: log(f"{tag}: {msg}"))
-            except LipganError as exc:
-                # A run the trainer stopped and recorded as failed (a non-finite loss) is a
-                # result; anything else (a bad flag) would fail every run alike: stop here.
-                if _status(plan.path).get("state") != "failed":
-                    raise
-                log(f"{tag}: {exc}")
-            status = _status(plan.path)
-            reason = f" ({status['reason']})" if status.get("reason") else ""
-            log(
-                f"{tag}: {status.get('state')}{reason}, {status.get('step')} steps in "
-                f"{float(status.get('wall_s') or 0):.1f} s"
-            )
-        if can_eval and _status(plan.path).get("state") == "done":
-            if _needs_eval(plan.path, cfg.eval_n):
-                t0 = time.perf_counter()
-                res = evaluate_run(plan.path, n=cfg.eval_n, dataset=dataset, device=cfg.device)
-                took = time.perf_counter() - t0
-                log(f"{tag}: FID {res['fid']:.2f} (n {cfg.eval_n}, evaluated in {took:.0f} s)")
-        write_results(plans, out)
+    if cfg.jobs > 1:
+        _run_parallel(plans, cfg, out, log, can_eval)
+    else:
+        for i, plan in enumerate(plans, 1):
+            _run_plan(plan, f"[{i}/{len(plans)}] {plan.path.name}", cfg, out, log, can_eval)
+            write_results(plans, out)
     results = write_results(plans, out)
     page = write_report(plans, cfg, out)
     log(f"compare: wrote {results}" + (f" and {page}" if page else ""))
     return {"results": results, "report": page}
+
+
+def _run_plan(
+    plan: RunPlan,
+    tag: str,
+    cfg: CompareConfig,
+    out: Path,
+    log: Callable[[str], None],
+    can_eval: bool,
+    threads: int | None = None,
+    stream=None,
+) -> None:
+    """Everything compare does to one planned run: train or resume it (or keep it), then
+    evaluate it when it is done and has no eval.json of ``cfg.eval_n`` samples. The serial loop
+    and every worker process run this."""
+    if plan.action == "keep":
+        log(f"{tag}: {_status(plan.path).get('state')}, kept")
+    else:
+        if plan.action == "train":
+            _clear_for_training(plan, out)
+        log(f"{tag}: {plan.action}")
+        try:
+            _train_one(plan, cfg, lambda msg: log(f"{tag}: {msg}"), threads, stream)
+        except LipganError as exc:
+            # A run the trainer stopped and recorded as failed (a non-finite loss) is a
+            # result; anything else (a bad flag) would fail every run alike: stop here.
+            if _status(plan.path).get("state") != "failed":
+                raise
+            log(f"{tag}: {exc}")
+        status = _status(plan.path)
+        reason = f" ({status['reason']})" if status.get("reason") else ""
+        log(
+            f"{tag}: {status.get('state')}{reason}, {status.get('step')} steps in "
+            f"{float(status.get('wall_s') or 0):.1f} s"
+        )
+    if can_eval and _status(plan.path).get("state") == "done":
+        if _needs_eval(plan.path, cfg.eval_n):
+            t0 = time.perf_counter()
+            res = evaluate_run(
+                plan.path, n=cfg.eval_n, dataset=cfg.dataset or "mnist", device=cfg.device
+            )
+            took = time.perf_counter() - t0
+            log(f"{tag}: FID {res['fid']:.2f} (n {cfg.eval_n}, evaluated in {took:.0f} s)")
+
+
+def _needs_work(plan: RunPlan, cfg: CompareConfig, can_eval: bool) -> bool:
+    """Whether a plan is trained (or resumed), or is kept but still needs its evaluation."""
+    return plan.action != "keep" or (
+        can_eval
+        and _status(plan.path).get("state") == "done"
+        and _needs_eval(plan.path, cfg.eval_n)
+    )
+
+
+# --------------------------------------------------------------------------- parallel runs
+
+#: Seconds the workers get to stop on their own (a Ctrl-C in a terminal reaches them all) before
+#: the main process interrupts them itself.
+STOP_GRACE_S = 3.0
+
+
+def worker_threads(cfg: CompareConfig) -> int:
+    """Torch threads per worker: the ``threads`` training option if set (> 0), else an equal
+    share of the CPUs, ``cpu_count // jobs`` (at least 1)."""
+    threads = cfg.train_options.get("threads")
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
+        return threads
+    return max(1, (os.cpu_count() or 1) // cfg.jobs)
+
+
+class _LineStream:
+    """A text stream for the trainer's progress lines in a worker: each complete line goes to
+    ``send`` (not a terminal, so the trainer prints a line every 5% instead of redrawing)."""
+
+    def __init__(self, send: Callable[[str], None]) -> None:
+        self.send, self.buf = send, ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            line = line.rsplit("\r", 1)[-1].strip()
+            if line:
+                self.send(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+# A worker process's end of the pool: set by _worker_init.
+_WORKER: dict = {}
+
+
+def _worker_init(threads: int, messages, stop) -> None:
+    """Runs once in each worker: limit torch's threads, keep the message queue and the stop
+    flag, and ignore Ctrl-C while idle (a run in progress takes it: see _work)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER.update(threads=threads, messages=messages, stop=stop)
+    messages.put(("pid", os.getpid()))
+
+
+def _work(plan: RunPlan, tag: str, cfg: CompareConfig, out: Path, can_eval: bool) -> bool:
+    """One planned run in a worker process, as the serial loop does it (_run_plan); log lines go
+    to the main process. False when the comparison was stopped before it began."""
+    messages = _WORKER["messages"]
+
+    def say(msg: str) -> None:
+        messages.put(("log", msg))
+
+    # Ctrl-C first, then the stop flag: the main process sets the flag before it interrupts.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if _WORKER["stop"].is_set():
+            return False
+        stream = _LineStream(lambda line: say(f"{tag}: {line}"))
+        _run_plan(plan, tag, cfg, out, say, can_eval, _WORKER["threads"], stream)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return True
+
+
+def _run_parallel(
+    plans: Sequence[RunPlan],
+    cfg: CompareConfig,
+    out: Path,
+    log: Callable[[str], None],
+    can_eval: bool,
+) -> None:
+    """Run the plans that need work in ``cfg.jobs`` worker processes ("spawn": safe with CUDA
+    and threads), each limited to :func:`worker_threads` threads; results.csv is rewritten as
+    each run ends (without the runs not finished yet). A failed run is a result, as in serial;
+    any other error, or KeyboardInterrupt, stops the rest (pending runs are cancelled, running
+    ones interrupted: they resume next time) and is raised here. The workers are started the
+    "spawn" way, so a script that calls run_compare with jobs > 1 needs the usual
+    ``if __name__ == "__main__":`` guard."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    n = len(plans)
+    work = []
+    for i, plan in enumerate(plans, 1):
+        tag = f"[{i}/{n}] {plan.path.name}"
+        if _needs_work(plan, cfg, can_eval):
+            work.append((plan, tag))
+        else:
+            _run_plan(plan, tag, cfg, out, log, can_eval)  # kept, nothing to do: one log line
+    if not work:
+        return
+    ctx = multiprocessing.get_context("spawn")
+    messages, stop = ctx.Queue(), ctx.Event()
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    pids: set[int] = set()
+
+    def receive() -> None:  # a thread: keeps the workers' queue drained until the pool is down
+        while True:
+            item = messages.get()
+            if item is None:
+                return
+            kind, value = item
+            if kind == "pid":
+                pids.add(value)
+            else:
+                lines.put(value)
+
+    def flush() -> None:
+        while True:
+            try:
+                msg = lines.get_nowait()
+            except queue.Empty:
+                return
+            log(msg)
+
+    receiver = threading.Thread(target=receive, name="lipgan-compare-log", daemon=True)
+    receiver.start()
+    pool = ProcessPoolExecutor(
+        max_workers=min(cfg.jobs, len(work)),
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(worker_threads(cfg), messages, stop),
+    )
+    busy: dict = {}
+    try:
+        try:
+            for plan, tag in work:
+                busy[pool.submit(_work, plan, tag, cfg, out, can_eval)] = plan
+            while busy:
+                done, _ = wait(list(busy), timeout=0.2, return_when=FIRST_COMPLETED)
+                flush()
+                for fut in [f for f in busy if f in done]:
+                    busy.pop(fut)
+                    try:
+                        fut.result()
+                    except BrokenProcessPool:
+                        raise LipganError(
+                            "a worker process died (killed, out of memory?); run the same "
+                            "command again to resume, maybe with a smaller --jobs (a script "
+                            "that calls run_compare needs `if __name__ == '__main__':`)"
+                        ) from None
+                    running = {p.path for p in busy.values()}
+                    write_results([p for p in plans if p.path not in running], out)
+        except BaseException:
+            _stop_workers(pool, busy, stop, pids, flush)
+            raise
+        pool.shutdown(wait=True)
+    finally:
+        messages.put(None)
+        receiver.join(timeout=10)
+        flush()
+
+
+def _stop_workers(pool, busy: dict, stop, pids: set[int], flush: Callable[[], None]) -> None:
+    """Cancel what has not started; give the runs in progress STOP_GRACE_S to stop on their own
+    (a Ctrl-C in a terminal reaches every worker), then interrupt them: the trainer records an
+    interrupted run, which the next compare resumes. Then shut the pool down."""
+    from concurrent.futures import wait
+
+    stop.set()
+    for fut in busy:
+        fut.cancel()
+    running = [f for f in busy if not f.done()]
+    if running:
+        wait(running, timeout=STOP_GRACE_S)
+        if any(not f.done() for f in running) and os.name == "posix":
+            for pid in list(pids):
+                try:
+                    os.kill(pid, signal.SIGINT)
+                except (ProcessLookupError, PermissionError):
+                    pass
+    pool.shutdown(wait=True, cancel_futures=True)
+    flush()
 
 
 def _metrics_available(dataset: str, log) -> bool:

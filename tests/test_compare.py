@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -345,3 +346,153 @@ def test_cli_end_to_end_on_a_finished_folder(done, capsys):
     assert (out / "report.html").is_file()
     assert f"report: {out / 'report.html'}" in capsys.readouterr().out
     assert math.isfinite(float(_rows(out / "results.csv")[0]["fid"]))
+
+
+# --------------------------------------------------------------------------- --jobs N
+# Workers are separate ("spawn") processes: monkeypatches of this one do not reach them, so
+# these tests make their failures with real run folders.
+
+
+def _resumable(cfg, method, steps, state="failed", reason="interrupted"):
+    """A real run folder of ``method`` trained to ``steps`` with cfg's flags, then marked as
+    ``state``: what compare finds after an interrupted comparison."""
+    from lipgan import runs
+
+    path = Path(cfg.out) / "runs" / f"{method}-seed0"
+    flags = {**cfg.train_flags(), "method": method, "seed": 0, "steps": steps}
+    gan.train(gan.TrainConfig.from_dict({**flags, "out": str(path), "quiet": True}))
+    run = runs.Run(path)
+    run.write_status(state, steps, cfg.steps or steps, 1.0, reason)
+    return run
+
+
+def test_jobs_gives_the_serial_results(done, tmp_path, spy):
+    """Two runs at a time in worker processes: the same rows as the serial module run (same
+    seeds and flags, one thread each), every run done with its grid and eval.json."""
+    _, serial, _ = done
+    cfg = tiny(tmp_path / "c", methods=["sn", "gan"], seeds=1, jobs=2)
+    paths = run_compare(cfg)
+    rows = _rows(paths["results"])
+    want = [r for r in _rows(serial / "results.csv") if r["seed"] == "0"]
+    assert [(r["method"], r["seed"], r["state"], r["steps"]) for r in rows] == [
+        (r["method"], r["seed"], r["state"], r["steps"]) for r in want
+    ]
+    assert [float(r["fid"]) for r in rows] == pytest.approx([float(r["fid"]) for r in want])
+    for r in rows:
+        run = tmp_path / "c" / "runs" / r["run"]
+        assert json.loads((run / "status.json").read_text())["state"] == "done"
+        assert (run / "samples" / "last.png").is_file() and (run / "eval.json").is_file()
+        assert report.load_run(run).config["threads"] == 1  # the user's threads option
+    assert paths["report"].is_file()
+    # compare.json checks the flags as given, not the workers' threads: the same command with
+    # another --jobs resumes
+    assert json.loads((tmp_path / "c" / "compare.json").read_text())["train"] == cfg.train_flags()
+    cfg.jobs = 1
+    run_compare(cfg)
+    assert spy == []
+
+
+def test_worker_threads():
+    assert compare.worker_threads(tiny("x", jobs=2)) == 1  # OPTIONS sets threads=1
+    cfg = tiny("x", jobs=2, train_options={})
+    assert compare.worker_threads(cfg) == max(1, (compare.os.cpu_count() or 1) // 2)
+    cfg.jobs = 10_000
+    assert compare.worker_threads(cfg) == 1
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
+def test_bad_jobs_are_refused(tmp_path, jobs):
+    with pytest.raises(LipganError, match="--jobs must be") as err:
+        run_compare(tiny(tmp_path / "c", jobs=jobs))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_jobs(monkeypatch, tmp_path, capsys):
+    from lipgan.cli import main
+
+    seen = {}
+
+    def fake(cfg):
+        seen["cfg"] = cfg
+        return {"results": tmp_path / "results.csv", "report": None}
+
+    monkeypatch.setattr(compare, "run_compare", fake)
+    assert main(["compare", "--out", str(tmp_path), "--steps", "2", "--jobs", "3"]) == 0
+    assert seen["cfg"].jobs == 3
+    assert main(["compare", "--out", str(tmp_path), "--steps", "2"]) == 0
+    assert seen["cfg"].jobs == 1
+    monkeypatch.undo()
+    for bad in ("0", "-1"):
+        argv = ["compare", "--out", str(tmp_path / "c"), "--steps", "2", "--jobs", bad]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--jobs must be" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_jobs_failed_run_is_a_result(tmp_path):
+    """wgan-gp resumes from a checkpoint with NaN generator weights and fails on a non-finite
+    loss in its worker; sn, trained next to it, finishes and is evaluated."""
+    from lipgan import runs
+
+    cfg = tiny(tmp_path / "c", methods=["wgan-gp", "sn"], steps=3, jobs=2)
+    run = _resumable(cfg, "wgan-gp", 1)
+    state = runs.load_checkpoint(run.last_checkpoint)
+    for t in state["generator"].values():
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    runs.save_checkpoint(run.last_checkpoint, state)
+    assert [p.action for p in plan_runs(cfg)] == ["resume", "train"]
+    paths = run_compare(cfg)
+    rows = {r["method"]: r for r in _rows(paths["results"])}
+    assert rows["wgan-gp"]["state"] == "failed" and rows["wgan-gp"]["fid"] == ""
+    assert "non-finite loss at generator step 2" in rows["wgan-gp"]["reason"]
+    assert (rows["sn"]["state"], rows["sn"]["steps"]) == ("done", "3")
+    assert math.isfinite(float(rows["sn"]["fid"]))
+    assert "failed: non-finite loss at generator step 2" in paths["report"].read_text()
+
+
+def test_jobs_other_errors_are_raised_as_in_serial(tmp_path):
+    """A run that cannot start (a corrupt checkpoint to resume from) is not a result: the
+    worker's LipganError is raised in the main process, as the serial loop raises it."""
+    cfg = tiny(tmp_path / "c", methods=["sn"], evaluate=False)
+    run = _resumable(cfg, "sn", 1, state="running", reason=None)
+    run.last_checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(LipganError) as serial:
+        run_compare(cfg)
+    cfg.jobs = 2
+    with pytest.raises(LipganError) as parallel:
+        run_compare(cfg)
+    assert type(parallel.value) is type(serial.value)
+    assert str(parallel.value) == str(serial.value)
+
+
+def test_jobs_ctrl_c_interrupts_the_workers(tmp_path, monkeypatch):
+    """Ctrl-C reaching only the main process: the pool is stopped, the runs in progress are
+    interrupted (recorded by the trainer, so they resume next time), KeyboardInterrupt raised."""
+    import os
+    import signal
+    import threading
+    import time
+
+    monkeypatch.setattr(compare, "STOP_GRACE_S", 0.2)
+    cfg = tiny(tmp_path / "c", steps=100_000, jobs=2, evaluate=False)
+    statuses = [p.path / "status.json" for p in plan_runs(cfg)]
+
+    def interrupt():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all(compare._status(s.parent).get("state") == "running" for s in statuses):
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg)
+    for s in statuses:
+        st = json.loads(s.read_text())
+        assert (st["state"], st["reason"]) == ("failed", "interrupted")
+        assert st["step"] < 100_000
+    assert [p.action for p in plan_runs(cfg)] == ["resume", "resume"]

@@ -1,4 +1,4 @@
-"""`lipgan compare --methods ... --seeds N --budget 20m|--steps N --out DIR [training flags]`."""
+"""`lipgan compare --methods ... --seeds N --budget 20m|--steps N --out DIR [--jobs N] [flags]`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,13 @@ def register(sub) -> None:
         action="store_true",
         help="train failed runs again (the failed folder is moved to OUT/failed/)",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs trained at the same time, each with cpu_count/jobs threads (default 1)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_compare)
 
@@ -95,6 +102,7 @@ def _compare(args) -> int:
         evaluate=not args.no_eval,
         retry_failed=args.retry_failed,
         quiet=args.quiet,
+        jobs=args.jobs,
     )
     paths = run_compare(cfg)
     print(f"results: {paths['results']}")
