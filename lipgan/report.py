@@ -503,6 +503,54 @@ def _fmt_stat(stat: tuple[float, float] | None) -> str:
     return _fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
 
 
+#: the columns of :func:`markdown_summary`: (key, header)
+MARKDOWN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("fid", "FID"),
+    ("is", "IS"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("classes_covered", "classes"),
+    ("wasserstein", "W estimate"),
+    ("max_grad_norm", "max ‖∇D‖"),
+    ("product_bound", "product bound"),
+    ("ms_per_step", "ms / G step"),
+    ("steps", "G steps"),
+)
+
+
+def compare_order(paths: Iterable[str | os.PathLike]) -> list[str] | None:
+    """The method order of the first ``lipgan compare`` folder among ``paths`` (its
+    compare.json), so tables list methods as the comparison asked for them; None if none."""
+    for raw in paths:
+        info = _read_json(Path(raw) / "compare.json") if Path(raw).is_dir() else None
+        methods = (info or {}).get("methods")
+        if isinstance(methods, list) and all(isinstance(m, str) for m in methods):
+            return methods
+    return None
+
+
+def markdown_summary(paths: Iterable[str | os.PathLike], order: Sequence[str] | None = None) -> str:
+    """The per-method summary as a Markdown table (mean ± std over finished runs), with a
+    ``done/runs`` column; a method whose runs all failed shows the first failure's reason."""
+    paths = list(paths)
+    order = order if order is not None else compare_order(paths)
+    runs = [load_run(p) for p in expand_paths(paths)]
+    summary = summarize(runs, order)
+    by_method = group_by_method(runs, order)
+    head = ["method", "done", *(h for _, h in MARKDOWN_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in summary:
+        cells = [entry["method"], f"{entry['done']}/{entry['runs']}"]
+        if entry["done"]:
+            cells += [_fmt_stat(entry["stats"].get(key)) for key, _ in MARKDOWN_COLUMNS]
+        else:
+            failed = [r for r in by_method[entry["method"]] if r.state == "failed"]
+            reason = (failed[0].reason or "failed") if failed else "not finished"
+            cells += [reason.replace("|", "/")] + ["–"] * (len(MARKDOWN_COLUMNS) - 1)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222;
        padding: 0 1em; }
@@ -684,6 +732,8 @@ def build_report(
     The file is written to a temporary name and renamed, so a reader never sees half a page.
     Returns the path written.
     """
+    paths = list(paths)
+    order = order if order is not None else compare_order(paths)
     runs = [load_run(p) for p in expand_paths(paths)]
     page = build_html(runs, title=title, order=order)
     out = Path(out)

@@ -257,3 +257,25 @@ def test_cli(tmp_path, capsys):
     assert out.is_file() and "<table" in out.read_text()
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_markdown_summary_in_the_compare_order_with_failures(tmp_path, capsys):
+    from lipgan.cli import main
+
+    cmp = tmp_path / "cmp"
+    for s, f in enumerate((10.0, 14.0)):
+        make_run(
+            cmp / "runs" / f"sn-seed{s}", "sn", s, rows=_rows(3, 1, 30), eval_=dict(EVAL, fid=f)
+        )
+    make_run(
+        cmp / "runs" / "snr-seed0", "snr", 0, state="failed", reason="non-finite | loss",
+        rows=_rows(2, 1, 30),
+    )  # fmt: skip
+    (cmp / "compare.json").write_text(json.dumps({"methods": ["snr", "sn"]}))
+    table = report.markdown_summary([cmp])
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | done | FID |") and len(lines) == 4
+    assert lines[2].startswith("| snr | 0/1 | non-finite / loss |")  # order from compare.json
+    assert lines[3].startswith("| sn | 2/2 | 12 ± 2.8 |")
+    assert main(["report", str(cmp), "--markdown"]) == 0
+    assert capsys.readouterr().out == table

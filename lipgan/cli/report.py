@@ -17,12 +17,20 @@ def register(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders holding them")
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
     p.add_argument("--title", help="page title (default from the runs)")
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the per-method summary (mean ± std over seeds) as a Markdown table instead",
+    )
     p.set_defaults(func=_report)
 
 
 def _report(args) -> int:
     from lipgan import report
 
+    if args.markdown:
+        print(report.markdown_summary(args.runs), end="")
+        return 0
     out = report.build_report(args.runs, args.out, title=args.title)
     print(f"report: {out}")
     return 0
