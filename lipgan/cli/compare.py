@@ -36,7 +36,10 @@ def register(sub) -> None:
     g.add_argument("--width", type=int, help="base channel width D")
     g.add_argument("--batch-size", type=int, help="batch size")
     g.add_argument("--device", help="auto, cpu or cuda (also used for the evaluation)")
-    g.add_argument("--precision", help="fp32 or bf16")
+    g.add_argument(
+        "--precision",
+        help="auto (the default: bf16 where the device has native bf16), fp32 or bf16",
+    )
     g.add_argument("--dataset", help="mnist, fashion-mnist or a folder of IDX files")
     g.add_argument(
         "--train-option",
