@@ -165,11 +165,8 @@ def _known_methods() -> set[str]:
     return set(gan.PRESETS)
 
 
-#: Budget mode trains in chunks (see _train_budget): the first chunk's generator steps, the
-#: share of the remaining time each later chunk aims at, and the slack at which a run is complete.
-FIRST_CHUNK = 10
-CHUNK_SHARE = 0.95
-MAX_CHUNKS = 12
+#: generator steps a budget run may take at most (its bound is the time): more than any reaches
+BUDGET_STEP_CAP = 10**8
 
 
 def budget_slack(budget_s: float) -> float:
@@ -230,35 +227,22 @@ def _train_budget(
     threads: int | None = None,
     stream=None,
 ) -> None:
-    """Train for ``cfg.budget_s`` of the trainer's own wall clock (``status.json``'s ``wall_s``,
-    which adds up over resumes), with the trainer's public API only: it takes a number of steps,
-    so the run goes in chunks, each aiming at ``CHUNK_SHARE`` of the time left at the rate of the
-    chunk before (the first is FIRST_CHUNK steps), until less than ``budget_slack`` is left.
-    Every chunk ends like a finished run (checkpoint, grid, FID), so an interruption anywhere
-    loses at most one chunk, and the rate each time includes that end-of-chunk cost.
+    """Train for ``cfg.budget_s`` of the trainer's own wall clock: one run with
+    ``max_time_s = budget`` (the time sums over resumes, so an interrupted run resumes with
+    the time it has left) and a step cap it never reaches. The end-of-run work (sample grid,
+    FID, per-layer norms, checkpoint) happens once, after the budget.
     """
     from lipgan import gan
 
-    budget = float(cfg.budget_s)
-    status = _status(plan.path) if resume else {}
-    step, wall = int(status.get("step") or 0), float(status.get("wall_s") or 0.0)
-    rate = wall / step if step and wall else None  # seconds per generator step
-    for _ in range(MAX_CHUNKS):
-        left = budget - wall
-        if left <= budget_slack(budget) and step:
-            return
-        add = FIRST_CHUNK if rate is None else int(CHUNK_SHARE * left / rate)
-        if add < 1:
-            return
-        kw = {} if stream is None else {"stream": stream}
-        gan.train(_train_config(plan, cfg, step + add, resume, threads), resume=resume, **kw)
-        resume = True
-        status = _status(plan.path)
-        new_step, new_wall = int(status.get("step") or 0), float(status.get("wall_s") or 0.0)
-        if new_step > step and new_wall > wall:
-            rate = (new_wall - wall) / (new_step - step)
-        step, wall = new_step, new_wall
-        say(f"step {step}, {wall:.1f} s of {budget:.0f} s")
+    tc = _train_config(plan, cfg, BUDGET_STEP_CAP, resume, threads)
+    tc = tc.replace(max_time_s=float(cfg.budget_s))
+    kw = {} if stream is None else {"stream": stream}
+    gan.train(tc, resume=resume, **kw)
+    status = _status(plan.path)
+    say(
+        f"step {status.get('step')}, {float(status.get('wall_s') or 0):.1f} s of "
+        f"{float(cfg.budget_s):.0f} s"
+    )
 
 
 # --------------------------------------------------------------------------- run folders

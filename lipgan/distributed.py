@@ -416,6 +416,12 @@ def _run_rank(
         payload: dict[str, Any]
         if rank == 0:
             try:
+                if cfg.max_time_s:
+                    # Ranks would each read their own clock and could stop at different steps.
+                    raise LipganError(
+                        "--max-time-s is not supported with several processes; bound the run "
+                        "with --steps"
+                    )
                 if cfg.batch_size % world:
                     raise LipganError(
                         f"--batch-size {cfg.batch_size} is the global batch and must split "

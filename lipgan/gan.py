@@ -230,6 +230,9 @@ class TrainConfig:
     dataset: str = "mnist"  # mnist, fashion-mnist or a folder of IDX files
     data_dir: str | None = None
     steps: int = 2000  # generator steps
+    # Stop once the run's training wall time (summed over resumes) reaches this many seconds, and
+    # end it as if it had reached `steps` (0: no limit). `lipgan compare --budget` uses it.
+    max_time_s: float = 0.0
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -326,6 +329,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg = resolve_precision(cfg)
     if cfg.on_nan not in ("stop", "rollback"):
         raise LipganError(f"unknown --on-nan {cfg.on_nan!r}; use stop or rollback")
+    if not (float(cfg.max_time_s) >= 0 and math.isfinite(float(cfg.max_time_s))):
+        raise LipganError(f"max_time_s must be >= 0 seconds (0: no limit), got {cfg.max_time_s}")
     for name in ("steps", "batch_size", "n_critic", "width", "z_dim", "n_samples"):
         if int(getattr(cfg, name)) < 1:
             raise LipganError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -922,33 +927,60 @@ class Progress:
     line every 5% of the run.
     """
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None) -> None:
+    def __init__(
+        self,
+        total: int,
+        start: int = 0,
+        enabled: bool = True,
+        stream=None,
+        time_limit: float = 0.0,
+        wall0: float = 0.0,
+    ) -> None:
         self.total, self.start = total, start
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.t0 = time.perf_counter()
         self.last_draw = 0.0
-        self.every = max(1, total // 20)
+        self.time_limit, self.wall0 = float(time_limit or 0.0), float(wall0)
+        self.bucket = -1  # last twentieth of the run printed (log files)
 
-    def update(self, step: int, w: float | None) -> None:
+    def fraction(self, step: int, now: float) -> float:
+        """How far the run is: by steps, or by wall time when a time limit comes first."""
+        f = step / max(self.total, 1)
+        if self.time_limit:
+            f = max(f, (self.wall0 + now - self.t0) / self.time_limit)
+        return min(f, 1.0)
+
+    def update(self, step: int, w: float | None, end: bool = False) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if self.tty and now - self.last_draw < 0.2 and step < self.total:
+        end = end or step >= self.total
+        if self.tty and now - self.last_draw < 0.2 and not end:
             return
-        if not self.tty and step % self.every and step < self.total:
+        frac = self.fraction(step, now)
+        bucket = int(20 * frac)
+        if not self.tty and bucket <= self.bucket and not end:
             return
+        self.bucket = bucket
         self.last_draw = now
         done = step - self.start
         rate = done / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
+        if self.time_limit:
+            eta = min(eta, max(self.time_limit - self.wall0 - (now - self.t0), 0.0))
         width = 24
-        filled = int(width * step / max(self.total, 1))
+        filled = int(width * frac)
         bar = "#" * filled + "." * (width - filled)
         wtxt = "" if w is None else f"  W {w:+.4f}"
+        if self.time_limit:
+            spent = self.wall0 + now - self.t0
+            where = f"step {step}, {spent:.0f}/{self.time_limit:.0f} s"
+        else:
+            where = f"{step}/{self.total}"
         line = (
-            f"[{bar}] {step}/{self.total}  {rate:.2f} it/s{wtxt}  "
+            f"[{bar}] {where}  {rate:.2f} it/s{wtxt}  "
             f"ETA {_hms(eta) if math.isfinite(eta) else '?'}"
         )
         if self.tty:
@@ -1116,9 +1148,17 @@ class Session:
         self.fixed_z = torch.randn(
             cfg.n_samples, trainer.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 3)
         ).to(trainer.device)
-        self.progress = Progress(cfg.steps, trainer.step, enabled=not cfg.quiet, stream=stream)
+        self.progress = Progress(
+            cfg.steps,
+            trainer.step,
+            enabled=not cfg.quiet,
+            stream=stream,
+            time_limit=cfg.max_time_s,
+            wall0=wall0,
+        )
         self.t_start = time.perf_counter()
         self.wall0 = wall0  # wall time of earlier segments (resume)
+        self.ended = False  # the last step was the run's end (steps reached or time limit)
         if trainer.step == 0:
             _checkpoint(trainer, run, cfg, 0.0, keep=False)  # rollback target before any step
         self.last_good = trainer.step
@@ -1138,7 +1178,7 @@ class Session:
         """Train to generator step ``until`` (at most ``cfg.steps``)."""
         until = self.cfg.steps if until is None else min(until, self.cfg.steps)
         try:
-            while self.trainer.step < until:
+            while self.trainer.step < until and not self.ended:
                 out = self.trainer.train_step()
                 self._after_step(out)
         except KeyboardInterrupt:
@@ -1178,7 +1218,8 @@ class Session:
             run.write_status("failed", step, cfg.steps, self.wall(), reason)
             raise NonFiniteLoss(reason)
         self.w_ema = w if self.w_ema is None else 0.9 * self.w_ema + 0.1 * w
-        end = step == cfg.steps
+        end = step >= cfg.steps or bool(cfg.max_time_s and self.wall() >= cfg.max_time_s)
+        self.ended = end
 
         def due(every: int) -> bool:
             return bool(every) and step % every == 0
@@ -1236,7 +1277,7 @@ class Session:
                 _checkpoint(trainer, run, cfg, self.wall(), keep=keep)
                 self.last_good = step
             run.write_status("running", step, cfg.steps, self.wall())
-        self.progress.update(step, self.w_ema)
+        self.progress.update(step, self.w_ema, end=end)
 
     def close(self) -> None:
         """Close the progress bar and the log files (the run can be reopened with resume)."""
@@ -1246,9 +1287,10 @@ class Session:
             self.run_dir.close()
 
     def finish(self) -> Path:
-        """Mark the run done when it reached ``cfg.steps``; returns the run folder."""
+        """Mark the run done when it reached ``cfg.steps`` or its time limit; returns the run
+        folder."""
         self.close()
-        if self.trainer.step >= self.cfg.steps:
+        if self.trainer.step >= self.cfg.steps or self.ended:
             self.run_dir.write_status("done", self.trainer.step, self.cfg.steps, self.wall())
         return self.path
 

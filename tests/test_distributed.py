@@ -36,6 +36,7 @@ def tiny(method: str, **kw) -> TrainConfig:
         threads=1,
         seed=3,
         device="cpu",
+        precision="fp32",  # equality across process counts is checked in fp32
         quiet=True,
         tensorboard=False,
         log_every=5,
@@ -247,6 +248,12 @@ def test_launch_run_folder_matches_one_process(tmp_path):
         assert mb[-1][key] == pytest.approx(ma[-1][key], abs=1e-4)
     with pytest.raises(LipganError, match="already holds a run"):
         D.launch(tiny("wgan-gp", out=str(two), **kw), 2, start_method="fork")
+
+
+def test_a_time_limit_is_refused_with_several_processes(tmp_path):
+    with pytest.raises(LipganError, match="max-time-s"):
+        D.launch(tiny("wgan-gp", out=str(tmp_path / "t"), max_time_s=5.0), 2, start_method="fork")
+    assert not (tmp_path / "t" / "checkpoints").exists()
 
 
 def test_checkpoints_cross_between_one_and_two_processes(tmp_path):

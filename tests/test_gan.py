@@ -1,6 +1,7 @@
 """The WGAN trainer: presets, losses, steps, run folders, resume, NaN handling, CLI."""
 
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -110,6 +111,19 @@ def test_auto_precision_is_resolved_to_what_runs_and_recorded(tiny, tmp_path):
     path = gan.train(_cfg(tiny, tmp_path, steps=2))
     written = yaml.safe_load((path / "config.yaml").read_text())
     assert written["precision"] in ("fp32", "bf16") and isinstance(written["channels_last"], bool)
+
+
+def test_a_time_limit_ends_the_run_like_its_last_step(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path, steps=10**6, max_time_s=1.5, sample_every=10**6, lip_every=0)
+    path = gan.train(cfg)
+    st = json.loads((path / "status.json").read_text())
+    assert st["state"] == "done" and 0 < st["step"] < 10**6
+    assert st["wall_s"] >= 1.5
+    assert (path / "samples" / "last.png").is_file()  # the end-of-run work ran
+    state = runs.load_checkpoint(path / "checkpoints" / "last.pt")
+    assert state["step"] == st["step"]  # checkpointed at the end
+    with pytest.raises(LipganError, match="max_time_s"):
+        gan.resolve(TrainConfig(max_time_s=-1))
 
 
 def test_bad_config_values_are_lipgan_errors():

@@ -39,6 +39,8 @@ HELP = {
     "dataset": "mnist, fashion-mnist, or a folder holding the four IDX files",
     "data_dir": "read the dataset's IDX files from this folder",
     "steps": "generator steps to train (the total, also when resuming)",
+    "max_time_s": "stop when the run has trained this many seconds (summed over resumes) and end"
+    " it as at --steps; 0: no limit",
     "batch_size": "samples per batch (real and fake each)",
     "seed": "seed of every random stream (weights, batches, noise)",
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
