@@ -237,7 +237,16 @@ def _train_budget(
     tc = _train_config(plan, cfg, BUDGET_STEP_CAP, resume, threads)
     tc = tc.replace(max_time_s=float(cfg.budget_s))
     kw = {} if stream is None else {"stream": stream}
-    gan.train(tc, resume=resume, **kw)
+    try:
+        gan.train(tc, resume=resume, **kw)
+    except gan.TimeLimitReached:
+        # Killed after its final checkpoint but before it was marked done: it is complete.
+        from lipgan import runs
+
+        st = _status(plan.path)
+        runs.Run(plan.path).write_status(
+            "done", int(st.get("step") or 0), int(st.get("steps") or 0), float(st["wall_s"])
+        )
     status = _status(plan.path)
     say(
         f"step {status.get('step')}, {float(status.get('wall_s') or 0):.1f} s of "
@@ -269,7 +278,7 @@ def _interrupted(status: dict) -> bool:
 def plan_runs(cfg: CompareConfig) -> list[RunPlan]:
     """One entry per method x seed, with what compare will do to it given the folder's state:
     ``keep`` (done, or failed on its own), ``resume`` (interrupted with a checkpoint, or in
-    budget mode done short of the budget: killed between two chunks), ``train`` (the rest)."""
+    budget mode done short of the budget), ``train`` (the rest)."""
     root = Path(cfg.out) / "runs"
     plans = []
     for method in cfg.methods:

@@ -419,8 +419,8 @@ def _run_rank(
                 if cfg.max_time_s:
                     # Ranks would each read their own clock and could stop at different steps.
                     raise LipganError(
-                        "--max-time-s is not supported with several processes; bound the run "
-                        "with --steps"
+                        "--max-time-s is not supported with several processes; pass "
+                        "--max-time-s 0 and bound the run with --steps"
                     )
                 if cfg.batch_size % world:
                     raise LipganError(

@@ -312,11 +312,19 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     user_constraint = cfg.constraint
     changes = {k: v for k, v in preset.items() if getattr(cfg, k) is None}
     cfg = cfg.replace(**changes)
-    if preset_options and user_constraint in (None, preset["constraint"]):
-        # The preset's constraint options apply to its own constraint; the user's win.
+    if preset_options and user_constraint is None:
+        # The preset's constraint options go with the constraint it picks: only when this call
+        # fills the constraint in (a config read back from a run folder names its constraint and
+        # keeps its own options). The user's options win; a user's other `form` takes the
+        # constraint's own defaults for the rest (the preset's lam belongs to its form).
         if not isinstance(cfg.constraint_options, dict):
             raise LipganError("constraint_options must be a mapping of option names to values")
-        cfg = cfg.replace(constraint_options={**preset_options, **cfg.constraint_options})
+        mine = cfg.constraint_options
+        if "form" in mine and mine["form"] != preset_options.get("form"):
+            merged = dict(mine)
+        else:
+            merged = {**preset_options, **mine}
+        cfg = cfg.replace(constraint_options=merged)
     if cfg.width is None:
         cfg = cfg.replace(width=_builder_default("critic", cfg.model, "width"))
     if cfg.loss not in LOSSES:
@@ -329,8 +337,14 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg = resolve_precision(cfg)
     if cfg.on_nan not in ("stop", "rollback"):
         raise LipganError(f"unknown --on-nan {cfg.on_nan!r}; use stop or rollback")
-    if not (float(cfg.max_time_s) >= 0 and math.isfinite(float(cfg.max_time_s))):
-        raise LipganError(f"max_time_s must be >= 0 seconds (0: no limit), got {cfg.max_time_s}")
+    try:
+        limit = float(cfg.max_time_s)
+    except (TypeError, ValueError):
+        limit = math.nan
+    if not (limit >= 0 and math.isfinite(limit)):
+        raise LipganError(
+            f"max_time_s must be a number of seconds >= 0 (0: no limit), got {cfg.max_time_s!r}"
+        )
     for name in ("steps", "batch_size", "n_critic", "width", "z_dim", "n_samples"):
         if int(getattr(cfg, name)) < 1:
             raise LipganError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -343,7 +357,10 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16, or a CPU with
     AVX512-BF16 or AMX (where oneDNN's bf16 convolutions beat fp32 by 2-4x)."""
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        # compute capability 8 (Ampere) and later; torch.cuda.is_bf16_supported() also says
+        # True for the emulated bf16 of older GPUs, which is slower than fp32
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).major >= 8
     if device.type == "cpu":
         try:
             return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -1003,6 +1020,10 @@ def _hms(s: float) -> str:
 # --------------------------------------------------------------------------- the run
 
 
+class TimeLimitReached(LipganError):
+    """Raised when a run is resumed that has already used its ``max_time_s``."""
+
+
 class NonFiniteLoss(LipganError):
     """Raised when a loss becomes NaN or infinite and ``on_nan`` is ``stop``."""
 
@@ -1123,6 +1144,13 @@ class Session:
         wall0 = 0.0
         if state is not None:
             trainer.load_state_dict(state, source=str(run.last_checkpoint))
+            used = float(state.get("wall_s", 0.0))
+            if cfg.max_time_s and used >= cfg.max_time_s:
+                raise TimeLimitReached(
+                    f"{run.path} has used its time limit ({used:.0f} s of max_time_s "
+                    f"{cfg.max_time_s:g}); resume with a larger --max-time-s, or --max-time-s 0 "
+                    "to train to --steps"
+                )
             # Everything checked: only now touch the folder.
             run.write_config(cfg.to_dict())
             run.truncate_logs(trainer.step)

@@ -219,7 +219,7 @@ def test_budget_real_runs(tmp_path, spy):
     paths = run_compare(cfg)
     (row,) = _rows(paths["results"])
     assert row["state"] == "done"
-    assert budget <= float(row["wall_s"]) < budget + 30
+    assert budget <= float(row["wall_s"]) < budget + 120
     assert 0 < int(row["steps"]) < compare.BUDGET_STEP_CAP
     assert spy == [("sn-seed0", False, compare.BUDGET_STEP_CAP)]
     grids = sorted(p.name for p in (tmp_path / "c" / "runs" / "sn-seed0" / "samples").iterdir())
@@ -228,6 +228,13 @@ def test_budget_real_runs(tmp_path, spy):
     spy.clear()
     run_compare(cfg)  # complete: nothing more to do
     assert spy == []
+    # Killed after its final checkpoint, before it was marked done: the rerun marks it done.
+    status_path = tmp_path / "c" / "runs" / "sn-seed0" / "status.json"
+    st = json.loads(status_path.read_text())
+    status_path.write_text(json.dumps({**st, "state": "running"}))
+    run_compare(cfg)
+    again = json.loads(status_path.read_text())
+    assert again["state"] == "done" and again["step"] == st["step"]
 
 
 def test_an_interrupted_budget_run_resumes_with_the_time_it_has_left(tmp_path, monkeypatch):
@@ -258,7 +265,7 @@ def test_an_interrupted_budget_run_resumes_with_the_time_it_has_left(tmp_path, m
     run_compare(cfg)
     st = json.loads((run / "status.json").read_text())
     assert st["state"] == "done" and st["step"] > 10
-    assert budget <= st["wall_s"] < budget + 30
+    assert budget <= st["wall_s"] < budget + 120
 
 
 def test_plan_from_folder_states(tmp_path):
@@ -272,7 +279,7 @@ def test_plan_from_folder_states(tmp_path):
         (run / "status.json").write_text(json.dumps(st))
 
     status("a", state="done", wall_s=99.0)  # complete
-    status("b", state="done", wall_s=40.0)  # killed between two budget chunks
+    status("b", state="done", wall_s=40.0)  # stopped before its budget was spent
     status("c", state="failed", reason="interrupted", wall_s=10.0)  # Ctrl-C
     status("d", state="failed", reason="non-finite loss at generator step 7", wall_s=10.0)
     status("e", ckpt=False, state="running", wall_s=0.0)  # killed before its first checkpoint

@@ -93,9 +93,16 @@ def test_wasserstein_regularizer_presets_use_the_bound_form_and_user_options_win
         assert cfg.constraint == constraint
         assert cfg.constraint_options == {"form": "bound", "lam": 10.0}
         assert C.get(cfg.constraint, **cfg.constraint_options).form == "bound"
+        assert gan.resolve(cfg) == cfg  # resolving twice changes nothing
+        lam = gan.resolve(TrainConfig(method=method, constraint_options={"lam": 3.0}))
+        assert lam.constraint_options == {"form": "bound", "lam": 3.0}
+        # another form: the constraint's own defaults for the rest (the paper's lambda)
         mine = gan.resolve(TrainConfig(method=method, constraint_options={"form": "sum"}))
-        assert mine.constraint_options == {"form": "sum", "lam": 10.0}
-        assert gan.resolve(mine) == mine  # resolving twice changes nothing
+        assert mine.constraint_options == {"form": "sum"}
+        assert C.get(mine.constraint, **mine.constraint_options).lam < 0.1
+        # a config that names its constraint (as config.yaml of an older run does) keeps its own
+        named = gan.resolve(TrainConfig(method=method, constraint=constraint))
+        assert named.constraint_options == {}
         other = gan.resolve(TrainConfig(method=method, constraint="gradient-penalty"))
         assert other.constraint_options == {}
 
@@ -122,8 +129,14 @@ def test_a_time_limit_ends_the_run_like_its_last_step(tiny, tmp_path):
     assert (path / "samples" / "last.png").is_file()  # the end-of-run work ran
     state = runs.load_checkpoint(path / "checkpoints" / "last.pt")
     assert state["step"] == st["step"]  # checkpointed at the end
-    with pytest.raises(LipganError, match="max_time_s"):
-        gan.resolve(TrainConfig(max_time_s=-1))
+    for bad in (-1, "10m", None, float("inf")):
+        with pytest.raises(LipganError, match="max_time_s"):
+            gan.resolve(TrainConfig(max_time_s=bad))
+    # Resuming a run that used its time: a clear error, the folder untouched.
+    before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    with pytest.raises(gan.TimeLimitReached, match="larger --max-time-s"):
+        gan.train(cfg.replace(steps=10**7), resume=True)
+    assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
 
 
 def test_bad_config_values_are_lipgan_errors():
