@@ -529,6 +529,31 @@ def compare_order(paths: Iterable[str | os.PathLike]) -> list[str] | None:
     return None
 
 
+def _md_num(v: float) -> str:
+    """A number for a reading table: 3 significant digits, no exponent below 1e5."""
+    if not math.isfinite(v):
+        return str(v)
+    if v == int(v) and abs(v) < 1e5:
+        return str(int(v))
+    a = abs(v)
+    if a >= 1e5 or (0 < a < 1e-3):
+        return f"{v:.2e}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _md_stat(stat: tuple[float, float] | None) -> str:
+    if stat is None:
+        return "–"
+    mean, std = stat
+    return _md_num(mean) if math.isnan(std) else f"{_md_num(mean)} ± {_md_num(std)}"
+
+
 def markdown_summary(paths: Iterable[str | os.PathLike], order: Sequence[str] | None = None) -> str:
     """The per-method summary as a Markdown table (mean ± std over finished runs), with a
     ``done/runs`` column; a method whose runs all failed shows the first failure's reason."""
@@ -542,7 +567,7 @@ def markdown_summary(paths: Iterable[str | os.PathLike], order: Sequence[str] | 
     for entry in summary:
         cells = [entry["method"], f"{entry['done']}/{entry['runs']}"]
         if entry["done"]:
-            cells += [_fmt_stat(entry["stats"].get(key)) for key, _ in MARKDOWN_COLUMNS]
+            cells += [_md_stat(entry["stats"].get(key)) for key, _ in MARKDOWN_COLUMNS]
         else:
             failed = [r for r in by_method[entry["method"]] if r.state == "failed"]
             reason = (failed[0].reason or "failed") if failed else "not finished"

@@ -276,6 +276,6 @@ def test_markdown_summary_in_the_compare_order_with_failures(tmp_path, capsys):
     lines = table.splitlines()
     assert lines[0].startswith("| method | done | FID |") and len(lines) == 4
     assert lines[2].startswith("| snr | 0/1 | non-finite / loss |")  # order from compare.json
-    assert lines[3].startswith("| sn | 2/2 | 12 ± 2.8 |")
+    assert lines[3].startswith("| sn | 2/2 | 12 ± 2.83 |")
     assert main(["report", str(cmp), "--markdown"]) == 0
     assert capsys.readouterr().out == table
