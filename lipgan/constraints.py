@@ -278,6 +278,12 @@ class SpectralNorm(Constraint):
     u and v unchanged. Works under ``torch.no_grad()`` (sampling) and on generators (SAGAN uses
     SN in G and D): give the generator its own instance; calling its ``after_step`` after the
     generator's step is optional with non-fused optimizers, whose steps are detected.
+
+    ``last_layer=False`` leaves the module's last weight layer (in ``modules()`` order: a
+    generator's output layer) unnormalized. On MNIST a generator whose one-channel output layer
+    is normalized collapses to one image (measured, docs/wgan.md): with the layer's gain fixed
+    at 1 it can reach the saturated black/white pixels only by aligning every sample with one
+    weight vector.
     """
 
     name = "spectral-norm"
@@ -288,19 +294,25 @@ class SpectralNorm(Constraint):
         mode: str = "reshaped",
         init_iterations: int = 15,
         eps: float = 1e-12,
+        last_layer: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("reshaped", "operator"):
             raise LipganError(f"spectral-norm mode must be 'reshaped' or 'operator', not {mode!r}")
         if n_power_iterations < 1:
             raise LipganError("n_power_iterations must be at least 1")
+        if not isinstance(last_layer, bool):
+            raise LipganError(f"spectral-norm last_layer must be true or false, not {last_layer!r}")
         self.n_power_iterations = int(n_power_iterations)
         self.mode = mode
         self.init_iterations = int(init_iterations)
         self.eps = eps
+        self.last_layer = last_layer
 
     def attach(self, module: nn.Module) -> nn.Module:
         found = _layers.weight_layers(module)
+        if not self.last_layer:
+            found = found[:-1]
         if not found:
             raise LipganError("spectral-norm found no Linear/Conv layer in the module to normalize")
         for layer in found:

@@ -257,6 +257,19 @@ def layer_table(model: nn.Module, input_shape: Sequence[int] | None = None) -> l
     return [_row(leaf) for leaf in _walk(m, shape)]
 
 
+def _stable_rank(leaf: _Leaf) -> float | None:
+    """``||W||_F^2 / sigma(W)^2`` of the weight matrix (a conv's reshaped kernel): between 1 and
+    the rank. Close to 1 means the layer passes on essentially one feature direction."""
+    if leaf.frobenius is None:
+        return None
+    sigma = leaf.reshaped if leaf.reshaped is not None else None
+    if sigma is None and isinstance(leaf.module, nn.Linear):
+        sigma = leaf.operator
+    if not sigma:
+        return None
+    return (leaf.frobenius / sigma) ** 2
+
+
 def _row(leaf: _Leaf) -> dict:
     return {
         "name": leaf.name,
@@ -269,6 +282,7 @@ def _row(leaf: _Leaf) -> dict:
         "operator": leaf.operator if leaf.kind == "linear" else None,
         "operator_method": leaf.operator_method if leaf.kind == "linear" else None,
         "reshaped": leaf.reshaped,
+        "stable_rank": _stable_rank(leaf),
         "slope": list(leaf.slope) if leaf.slope else None,
         "constant": leaf.constant,
     }
@@ -794,17 +808,21 @@ class LipschitzReport:
     def __str__(self) -> str:
         lines = [
             f"{'layer':<14}{'type':<18}{'in':<14}{'frobenius':>11}{'operator':>11}"
-            f"{'reshaped':>11}{'const':>9}"
+            f"{'reshaped':>11}{'st.rank':>9}{'const':>9}"
         ]
 
         def fmt(v):
             return f"{v:11.4g}" if isinstance(v, float) else f"{'':>11}"
 
+        def srank(v):
+            return f"{v:9.3g}" if isinstance(v, float) else f"{'':>9}"
+
         for r in self.layers:
             shape = "x".join(str(s) for s in r["in_shape"])
             lines.append(
                 f"{r['name']:<14}{r['type']:<18}{shape:<14}{fmt(r['frobenius'])}"
-                f"{fmt(r['operator'])}{fmt(r['reshaped'])}{r['constant']:9.4g}"
+                f"{fmt(r['operator'])}{fmt(r['reshaped'])}{srank(r.get('stable_rank'))}"
+                f"{r['constant']:9.4g}"
             )
         lines.append("upper bounds (certified):")
         for k, v in sorted(self.upper.items(), key=lambda kv: -kv[1]):

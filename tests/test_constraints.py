@@ -522,6 +522,32 @@ def test_sn_generator_sampling_under_no_grad(mode):
         assert float(torch.linalg.matrix_norm(m, 2)) <= 1 + 1e-3
 
 
+def test_sn_last_layer_false_leaves_only_the_output_layer_free():
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(14)
+    gen = nn.Sequential(
+        nn.Linear(8, 16 * 3 * 3),
+        nn.Unflatten(1, (16, 3, 3)),
+        nn.ConvTranspose2d(16, 8, 4, 2, 1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 1, 4, 2, 1),
+    )
+    with torch.no_grad():
+        gen[4].weight.mul_(10)
+    C.get("spectral-norm", last_layer=False).attach(gen)
+    assert [parametrize.is_parametrized(gen[i]) for i in (0, 2, 4)] == [True, True, False]
+    assert reshaped_sigma(gen[2]) == pytest.approx(1.0, abs=0.05)
+    assert reshaped_sigma(gen[4]) > 2  # the output layer keeps its gain
+    full = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    C.get("spectral-norm").attach(full)
+    assert parametrize.is_parametrized(full[1])
+    with pytest.raises(LipganError, match="no Linear/Conv"):
+        C.get("spectral-norm", last_layer=False).attach(nn.Sequential(nn.Linear(3, 1)))
+    with pytest.raises(LipganError, match="true or false"):
+        C.get("spectral-norm", last_layer="no")
+
+
 def test_sn_attach_twice_does_not_normalize_twice():
     net = small_critic()
     sn = C.get("spectral-norm")

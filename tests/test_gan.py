@@ -107,6 +107,22 @@ def test_wasserstein_regularizer_presets_use_the_bound_form_and_user_options_win
         assert other.constraint_options == {}
 
 
+def test_sagan_preset_leaves_the_generator_output_layer_unnormalized_unless_named():
+    cfg = gan.resolve(TrainConfig(method="sagan"))
+    assert cfg.generator_constraint == "spectral-norm"
+    assert cfg.generator_constraint_options == {"last_layer": False}
+    assert gan.resolve(cfg) == cfg
+    operator = {"mode": "operator"}
+    mine = gan.resolve(TrainConfig(method="sagan", generator_constraint_options=operator))
+    assert mine.generator_constraint_options == {"last_layer": False, "mode": "operator"}
+    # an older sagan run's config.yaml names the generator constraint: it keeps every layer
+    named = gan.resolve(TrainConfig(method="sagan", generator_constraint="spectral-norm"))
+    assert named.generator_constraint_options == {}
+    assert gan.resolve(TrainConfig(method="wgan-gp")).generator_constraint_options == {}
+    with pytest.raises(LipganError, match="generator_constraint_options must be a mapping"):
+        gan.resolve(TrainConfig(method="sagan", generator_constraint_options=["x"]))
+
+
 def test_auto_precision_is_resolved_to_what_runs_and_recorded(tiny, tmp_path):
     cfg = gan.resolve(TrainConfig(method="sn", device="cpu"))
     native = gan.native_bf16(torch.device("cpu"))
@@ -371,12 +387,15 @@ def test_cli_train_config_precedence_and_sample(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--config", str(yml), "--lr-d", "2e-4", "--dataset", tiny, "--out", str(out),
             "--batch-size", "8", "--quiet", "--no-tensorboard", "--fid-every", "-1",
-            "--threads", "1", "--constraint-option", "lam=5"]  # fmt: skip
+            "--threads", "1", "--constraint-option", "lam=5",
+            "--generator-constraint", "spectral-norm",
+            "--generator-constraint-option", "last_layer=false"]  # fmt: skip
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out)
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert (cfg["method"], cfg["lr_d"], cfg["lr_g"], cfg["steps"]) == ("wgan-lp", 2e-4, 1e-4, 2)
     assert cfg["constraint_options"] == {"lam": 5}
+    assert cfg["generator_constraint_options"] == {"last_layer": False}
     # Resume with more steps through the CLI.
     assert main(["train", "--resume", str(out), "--steps", "3"]) == 0
     assert runs.Run(out).read_status()["step"] == 3

@@ -186,6 +186,26 @@ def test_layer_table_columns():
     assert rows[3]["in_shape"] == [32]
 
 
+def test_stable_rank_is_frobenius_over_spectral_squared_per_layer():
+    torch.manual_seed(7)
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    rank_one = nn.Linear(8, 5)
+    with torch.no_grad():
+        rank_one.weight.copy_(torch.randn(5, 1) @ torch.randn(1, 8))  # rank 1
+    square = nn.Linear(96, 8)
+    with torch.no_grad():
+        square.weight[:, :8].copy_(torch.eye(8))  # 8 equal singular values
+        square.weight[:, 8:].zero_()
+    net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 96), square, rank_one)
+    rows = L.layer_table(net, (3, 4, 4))
+    s = torch.linalg.svdvals(conv.weight.detach().reshape(6, -1).double())
+    assert rows[0]["stable_rank"] == pytest.approx(float(s.square().sum() / s[0] ** 2), rel=1e-4)
+    assert rows[4]["stable_rank"] == pytest.approx(8.0, rel=1e-5)
+    assert rows[5]["stable_rank"] == pytest.approx(1.0, rel=1e-5)
+    assert rows[1]["stable_rank"] is None  # an activation has no weight
+    assert "st.rank" in str(L.estimate(net, input_shape=(3, 4, 4), lower=False, lipsdp=False))
+
+
 def test_dcgan_critic_subclass_of_sequential():
     models = pytest.importorskip("lipgan.models")
     critic = models.build("critic", "dcgan28", width=4)

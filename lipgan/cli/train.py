@@ -50,6 +50,8 @@ HELP = {
     "constraint": "Lipschitz method of the critic, a lipgan.constraints name (preset's)",
     "constraint_options": "KEY=VALUE option of the constraint, e.g. lam=5 (repeatable)",
     "generator_constraint": "constraint on the generator, e.g. spectral-norm (sagan)",
+    "generator_constraint_options": "KEY=VALUE option of the generator's constraint, e.g. "
+    "last_layer=false (repeatable)",
     "loss": "wasserstein, hinge or ns (non-saturating)",
     "optimizer": "adam or rmsprop",
     "lr_d": "critic learning rate",
@@ -98,10 +100,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         help_ = HELP.get(f.name, f.name) + (
             f" (default {default})" if default not in (None,) else ""
         )
-        if f.name == "constraint_options":
+        if f.name in ("constraint_options", "generator_constraint_options"):
             p.add_argument(
-                "--constraint-option",
-                dest="constraint_options",
+                "--" + f.name[:-1].replace("_", "-"),
+                dest=f.name,
                 action="append",
                 metavar="KEY=VALUE",
                 default=argparse.SUPPRESS,
@@ -144,7 +146,7 @@ def register(sub) -> None:
     s.set_defaults(func=_sample)
 
 
-def _parse_options(items: list[str]) -> dict:
+def _parse_options(items: list[str], flag: str = "--constraint-option") -> dict:
     import yaml
 
     from lipgan.errors import LipganError
@@ -152,7 +154,7 @@ def _parse_options(items: list[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise LipganError(f"--constraint-option {item!r}: write KEY=VALUE, e.g. lam=5")
+            raise LipganError(f"{flag} {item!r}: write KEY=VALUE, e.g. lam=5")
         k, v = item.split("=", 1)
         out[k.strip().replace("-", "_")] = yaml.safe_load(v)
     return out
@@ -168,8 +170,9 @@ def config_from_args(args: argparse.Namespace):
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names}
-    if "constraint_options" in flags:
-        flags["constraint_options"] = _parse_options(flags["constraint_options"])
+    for key in ("constraint_options", "generator_constraint_options"):
+        if key in flags:
+            flags[key] = _parse_options(flags[key], "--" + key[:-1].replace("_", "-"))
     base: dict = {}
     if args.resume:
         base = Run(args.resume).read_config()
