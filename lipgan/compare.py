@@ -652,6 +652,14 @@ def _run_parallel(
         initargs=(worker_threads(cfg), messages, stop),
     )
     busy: dict = {}
+    # Ctrl-C becomes a flag the loop polls: a KeyboardInterrupt raised asynchronously inside
+    # concurrent.futures' wait() can leave a future's lock held, and the shutdown then hangs
+    # (seen once in the tests). Only the main thread can install a handler.
+    interrupted = threading.Event()
+    installed, previous = False, None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+        installed = True
     try:
         try:
             for plan, tag in work:
@@ -659,6 +667,8 @@ def _run_parallel(
             while busy:
                 done, _ = wait(list(busy), timeout=0.2, return_when=FIRST_COMPLETED)
                 flush()
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
                 for fut in [f for f in busy if f in done]:
                     busy.pop(fut)
                     try:
@@ -676,6 +686,9 @@ def _run_parallel(
             raise
         pool.shutdown(wait=True)
     finally:
+        if installed:
+            restore = signal.default_int_handler if previous is None else previous
+            signal.signal(signal.SIGINT, restore)
         messages.put(None)
         receiver.join(timeout=10)
         flush()

@@ -497,9 +497,11 @@ def test_jobs_ctrl_c_interrupts_the_workers(tmp_path, monkeypatch):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
 
+    before = signal.getsignal(signal.SIGINT)
     threading.Thread(target=interrupt, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         run_compare(cfg)
+    assert signal.getsignal(signal.SIGINT) is before  # the main process's handler is back
     for s in statuses:
         st = json.loads(s.read_text())
         assert (st["state"], st["reason"]) == ("failed", "interrupted")
