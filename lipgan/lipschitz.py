@@ -262,7 +262,7 @@ def _stable_rank(leaf: _Leaf) -> float | None:
     the rank. Close to 1 means the layer passes on essentially one feature direction."""
     if leaf.frobenius is None:
         return None
-    sigma = leaf.reshaped if leaf.reshaped is not None else None
+    sigma = leaf.reshaped
     if sigma is None and isinstance(leaf.module, nn.Linear):
         sigma = leaf.operator
     if not sigma:

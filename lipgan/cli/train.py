@@ -102,7 +102,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         )
         if f.name in ("constraint_options", "generator_constraint_options"):
             p.add_argument(
-                "--" + f.name[:-1].replace("_", "-"),
+                _option_flag(f.name),
                 dest=f.name,
                 action="append",
                 metavar="KEY=VALUE",
@@ -146,6 +146,11 @@ def register(sub) -> None:
     s.set_defaults(func=_sample)
 
 
+def _option_flag(field_name: str) -> str:
+    """The repeatable flag of a ``*_options`` field: constraint_options -> --constraint-option."""
+    return "--" + field_name.removesuffix("s").replace("_", "-")
+
+
 def _parse_options(items: list[str], flag: str = "--constraint-option") -> dict:
     import yaml
 
@@ -172,7 +177,7 @@ def config_from_args(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if k in names}
     for key in ("constraint_options", "generator_constraint_options"):
         if key in flags:
-            flags[key] = _parse_options(flags[key], "--" + key[:-1].replace("_", "-"))
+            flags[key] = _parse_options(flags[key], _option_flag(key))
     base: dict = {}
     if args.resume:
         base = Run(args.resume).read_config()
