@@ -10,6 +10,9 @@
 # phase is cut at that; a fresh machine first computes the test set's reference statistics).
 # A first try on the H100 (session 4) gave 390 s and a 580 s limit, lost everything at the limit
 # because the results were packed only at the end: hence TAR after every phase.
+# Session 5 answered the question on the CPU (docs/results.md, "Frobenius: what made it give
+# digits"): WGAN-GP's Adam beta1 0.5 was the cause; the preset now uses beta1 0, and the
+# w32-b05 variant below is the old preset.
 # Needs MNIST where lipgan finds it ($LIPGAN_DATA or `lipgan data fetch mnist`).
 set -uo pipefail
 OUT=${1:-frobenius-sweep}
@@ -22,6 +25,7 @@ mkdir -p "$OUT"
 declare -A V=(
   [w64]="--width 64"
   [w32]="--width 32"
+  [w32-b05]="--width 32 --beta1 0.5"
   [w64-lam1]="--width 64 --constraint-option lam=1"
   [w64-lam100]="--width 64 --constraint-option lam=100"
   [w64-rmsprop]="--width 64 --optimizer rmsprop --lr-d 5e-5 --lr-g 5e-5 --beta1 0 --beta2 0.99"

@@ -79,6 +79,11 @@ def test_presets_cover_the_contract_and_cite_sources():
         "hinge", 4e-4, 1e-4, "spectral-norm", "spectral-norm", "sagan28",
     )  # fmt: skip
     assert gan.resolve(TrainConfig(method="gan")).loss == "ns"
+    # frobenius: Adam without momentum (with beta1 0.5 its critic went rank 1: docs/wgan.md §4)
+    fro = gan.resolve(TrainConfig(method="frobenius"))
+    assert (fro.optimizer, fro.lr_d, fro.lr_g, fro.beta1, fro.beta2, fro.n_critic) == (
+        "adam", 1e-4, 1e-4, 0.0, 0.9, 5,
+    )  # fmt: skip
     # Every preset value is overridable; unset fields come from the preset.
     over = gan.resolve(TrainConfig(method="wgan-gp", lr_d=3e-4, n_critic=2, model="mlp"))
     assert (over.lr_d, over.lr_g, over.n_critic, over.width) == (3e-4, 1e-4, 2, 512)
