@@ -150,8 +150,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The study note's C(w) = prod_l ||W_l||_F, penalized like snr: lam (C(w) - 1)_+^2 with
     # lambda 10 (lipgan's choice; the sum form lambda sum ||W_l||_F^2 diverges like snr's).
     # Adam without momentum, betas (0, 0.9) as in Miyato et al. (2018): with WGAN-GP's beta1 0.5
-    # this critic collapsed to rank-1 layers and the generator never made digits (18 595 steps,
-    # FID 1019); with beta1 0 it gave digits in 20 minutes on one core (FID 480, docs/wgan.md §4).
+    # the product of norms swung around 1 and the generator never made digits (18 595 steps,
+    # FID 1019); with beta1 0 it gave digits in 20 minutes on one core (FID 480). The critic's
+    # last layer goes rank 1 either way (docs/wgan.md §4).
     # Arjovsky et al. (2017) saw momentum destabilize a weight-constrained critic as well.
     "frobenius": dict(
         constraint="frobenius-reg",

@@ -79,7 +79,7 @@ def test_presets_cover_the_contract_and_cite_sources():
         "hinge", 4e-4, 1e-4, "spectral-norm", "spectral-norm", "sagan28",
     )  # fmt: skip
     assert gan.resolve(TrainConfig(method="gan")).loss == "ns"
-    # frobenius: Adam without momentum (with beta1 0.5 its critic went rank 1: docs/wgan.md §4)
+    # frobenius: Adam without momentum (with beta1 0.5 it never made digits: docs/wgan.md §4)
     fro = gan.resolve(TrainConfig(method="frobenius"))
     assert (fro.optimizer, fro.lr_d, fro.lr_g, fro.beta1, fro.beta2, fro.n_critic) == (
         "adam", 1e-4, 1e-4, 0.0, 0.9, 5,
