@@ -189,6 +189,12 @@ class _Analysis:
                 out.append(a)
         return out
 
+    def occurrences(self, node: fx.Node) -> int:
+        """How many times input-dependent nodes appear among the arguments (with repeats)."""
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+        return sum(1 for n in found if self.dep[n])
+
     def value_users(self, node: fx.Node) -> list[fx.Node]:
         return [u for u in node.users if self.dep[u]]
 
@@ -387,7 +393,8 @@ class _Analysis:
             if not self.dep[node] or node.op in ("placeholder", "output"):
                 continue
             deps = self.dep_args(node)
-            leaf = self.unary_leaf(node, deps[0]) if len(deps) == 1 else None
+            unary = len(deps) == 1 and self.occurrences(node) == 1  # x + x is not unary
+            leaf = self.unary_leaf(node, deps[0]) if unary else None
             if leaf is not None:
                 leaf_of[node], src_of[node] = leaf, deps[0]
         # paths: a unary node continues its source's path when it is the source's only user
