@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipgan import norms
+from lipgan.analysis import operators
+from lipgan.analysis.activations import slope_range
 from lipgan.errors import LipganError
 
 __all__ = ["Leaf", "module_leaf", "function_leaf", "check_leaf", "known_base", "declared_constant"]
@@ -140,10 +142,19 @@ CUT_TYPES = (
 )
 
 
+_LP = tuple(getattr(nn, n) for n in ("LPPool1d", "LPPool2d", "LPPool3d") if hasattr(nn, n))
+
+
 def _lipgan_types() -> tuple[type, ...]:
     from lipgan.layers import GroupSort
 
     return (GroupSort,)
+
+
+def _lipgan_linear_types() -> tuple[type, ...]:
+    from lipgan.models.gan28 import Crop
+
+    return (Crop,)
 
 
 def known_base(m: nn.Module) -> type | None:
@@ -151,7 +162,8 @@ def known_base(m: nn.Module) -> type | None:
 
     Recognition is by ``isinstance`` only: a class of another library that happens to be called
     ``GroupSort`` is not lipgan's GroupSort."""
-    known = set(LINEAR_TYPES) | set(ACTIVATION_TYPES) | set(CUT_TYPES) | set(_lipgan_types())
+    known = set(LINEAR_TYPES) | set(ACTIVATION_TYPES) | set(CUT_TYPES) | set(_LP)
+    known |= set(_lipgan_types()) | set(_lipgan_linear_types())
     for cls in type(m).__mro__:
         if cls in known:
             return cls
@@ -183,21 +195,12 @@ def declared_constant(m: nn.Module, in_shape: tuple[int, ...] | None = None) -> 
 
 
 def _layer_bound(m: nn.Module, shape: tuple[int, ...]) -> tuple[float, str]:
-    try:
-        from lipgan.analysis import operators
-    except ImportError:  # TEMPORARY until a17-bounds' operators module is merged
-        from lipgan.analysis import _compat as operators
-
-    b = operators.layer_bound(m, shape)
+    # lower=False: the whole-model lower bounds come from the model itself (analysis.lower)
+    b = operators.layer_bound(m, shape, lower=False)
     return float(b.upper), b.method
 
 
 def _linear_map(m: nn.Module, shape: tuple[int, ...]) -> Callable:
-    try:
-        from lipgan.analysis import operators
-    except ImportError:  # TEMPORARY until a17-bounds' operators module is merged
-        from lipgan.analysis import _compat as operators
-
     return operators.linear_map(m, shape)
 
 
@@ -213,6 +216,15 @@ def _cost(m: nn.Module, in_shape, out_shape) -> float:
     return float(n_in + n_out)
 
 
+def _reshaped_norm(m: nn.Module) -> float:
+    """sigma_max of the kernel reshaped to a matrix (out, in/groups * k) (transposed convs:
+    (in, out/groups * k)), from the smaller Gram matrix."""
+    W = m.weight.detach().double()
+    M = W.reshape(W.shape[0], -1)
+    G = M @ M.t() if M.shape[0] <= M.shape[1] else M.t() @ M
+    return float(torch.linalg.eigvalsh(G)[-1].clamp_min(0).sqrt())
+
+
 def _frobenius_columns(leaf: Leaf) -> None:
     m = leaf.module
     if isinstance(m, nn.Linear):
@@ -225,10 +237,8 @@ def _frobenius_columns(leaf: Leaf) -> None:
             leaf.frobenius_bound = max(norms.conv_frobenius_bound(m), leaf.operator)
         except Exception:  # a geometry the Frobenius bound does not cover: the operator bound
             leaf.frobenius_bound = leaf.operator
-        try:
-            leaf.reshaped = norms.conv_operator_norm(m, leaf.in_shape, "reshaped")
-        except Exception:
-            leaf.reshaped = None
+        # sigma of the reshaped kernel (out, in * k): what torch's spectral_norm normalizes
+        leaf.reshaped = _reshaped_norm(m)
         return
     leaf.frobenius_bound = leaf.operator
 
@@ -252,14 +262,14 @@ def module_leaf(name: str, m: nn.Module, in_shape: tuple, out_shape: tuple) -> L
         upper, method = _layer_bound(m, in_shape)
     except LipganError as exc:
         raise LipganError(f"cannot bound layer {name!r} ({type(m).__name__}): {exc}") from None
-    if issubclass(base, LINEAR_TYPES):
+    if issubclass(base, LINEAR_TYPES + _lipgan_linear_types()):
         leaf.kind = "linear"
         leaf.lin = _linear_map(m, in_shape)
         leaf.operator = leaf.constant = upper
         leaf.operator_method = method
         _frobenius_columns(leaf)
         return leaf
-    slope = norms.activation_slope_range(m) if issubclass(base, ACTIVATION_TYPES) else None
+    slope = slope_range(m) if issubclass(base, ACTIVATION_TYPES) else None
     if slope is not None:
         leaf.kind, leaf.slope = "act", (float(slope[0]), float(slope[1]))
         upper = max(upper, abs(slope[0]), abs(slope[1]))
