@@ -22,10 +22,39 @@ from lipgan.analysis.report import UnsoundBoundError
 from lipgan.errors import LipganError
 
 C, H = 2, 4
-OPS = ["conv", "linear", "relu", "leaky", "tanh", "scale", "div", "add", "sub", "cat_slice",
-       "cat_mix", "chunk", "pool_up", "bn", "nested", "neg"]
-LINEAR_OPS = {"conv", "linear", "scale", "div", "add", "sub", "cat_slice", "cat_mix", "chunk",
-              "pool_up", "bn", "nested", "neg"}
+OPS = [
+    "conv",
+    "linear",
+    "relu",
+    "leaky",
+    "tanh",
+    "scale",
+    "div",
+    "add",
+    "sub",
+    "cat_slice",
+    "cat_mix",
+    "chunk",
+    "pool_up",
+    "bn",
+    "nested",
+    "neg",
+]
+LINEAR_OPS = {
+    "conv",
+    "linear",
+    "scale",
+    "div",
+    "add",
+    "sub",
+    "cat_slice",
+    "cat_mix",
+    "chunk",
+    "pool_up",
+    "bn",
+    "nested",
+    "neg",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -123,10 +152,12 @@ def programs(linear_only: bool, max_ops: int):
     ops = st.sampled_from(sorted(LINEAR_OPS) if linear_only else OPS)
     return st.tuples(
         st.lists(ops, min_size=1, max_size=max_ops),
-        st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=max_ops,
-                 max_size=max_ops),
-        st.lists(st.floats(-3, 3).filter(lambda v: abs(v) > 0.1), min_size=max_ops,
-                 max_size=max_ops),
+        st.lists(
+            st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=max_ops, max_size=max_ops
+        ),
+        st.lists(
+            st.floats(-3, 3).filter(lambda v: abs(v) > 0.1), min_size=max_ops, max_size=max_ops
+        ),
         st.booleans(),
         st.integers(0, 2**16),
     )
@@ -180,6 +211,11 @@ def test_larger_sweep_of_random_graphs(spec):
 
 def test_a_residual_graph_is_bounded_not_refused_and_never_below_truth():
     # today's code refused every non-Sequential model ("wrap the layers in nn.Sequential")
-    spec = (["conv", "add", "relu", "cat_mix", "nested"], [(0, 0), (0, 1), (2, 0), (3, 1), (4, 0)],
-            [1.0] * 5, True, 3)
+    spec = (
+        ["conv", "add", "relu", "cat_mix", "nested"],
+        [(0, 0), (0, 1), (2, 0), (3, 1), (4, 0)],
+        [1.0] * 5,
+        True,
+        3,
+    )
     assert check(spec, linear=False, points=8) is not None

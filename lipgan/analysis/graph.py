@@ -54,12 +54,37 @@ class _Tracer(fx.Tracer):
             "torch.nn.utils.parametrize"
         )
 
+    def call_module(self, m, forward, args, kwargs):
+        if not self.is_leaf_module(m, self.path_of_module(m)) and (
+            m._forward_hooks or m._forward_pre_hooks
+        ):
+            raise LipganError(
+                f"cannot bound {type(m).__name__}: it has forward hooks, which a traced graph "
+                "does not see; remove them for the analysis"
+            )
+        return super().call_module(m, forward, args, kwargs)
+
+
+class _Root(nn.Module):
+    """The model as a child, so that a model that is itself a leaf (a Linear, a hooked layer)
+    is called, hooks and all, like any other leaf."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """The fx graph of ``model.forward`` (LipganError when fx cannot trace it)."""
     tracer = _Tracer()
+    root = _Root(model)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(root)
+    except LipganError:
+        raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LipganError(
@@ -68,6 +93,14 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "without, or declare the constant of the module that has it with `lipschitz_constant`"
         ) from None
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _user_name(qualname: str, root: nn.Module) -> str:
+    """A module's name as the user wrote it: "0", "layer1.conv" (not "model.0")."""
+    q = str(qualname)
+    if q == "model":
+        return type(root).__name__
+    return q[len("model.") :] if q.startswith("model.") else q
 
 
 @dataclass
@@ -95,6 +128,7 @@ def _where(node: fx.Node) -> str:
     if not stack:
         return ""
     qual, cls = list(stack.values())[-1]
+    qual = qual[len("model.") :] if str(qual).startswith("model.") else qual
     cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
     return f" in module {qual!r} ({cls_name.split('.')[-1]})"
 
@@ -213,7 +247,7 @@ class _Analysis:
             m = self.gm.get_submodule(node.target)
             if len(self.dep_args(node)) != 1 or node.args[0] is not src:
                 raise _refuse(node, "a module called with several input-dependent arguments")
-            leaf = lv.module_leaf(str(node.target), m, sin, sout)
+            leaf = lv.module_leaf(_user_name(node.target, self.gm.model), m, sin, sout)
             if self.opts.get("check", True):
                 lv.check_leaf(leaf)
             return leaf
@@ -255,8 +289,15 @@ class _Analysis:
             return fleaf(lambda z, s=sout: z.reshape(z.shape[0], *s), label, 1.0)
         if _in(node, _IDENTITIES):
             return fleaf(lambda z: z, label, 1.0)
-        if _in(node, _PERMUTES) or t in (torch.permute, torch.transpose, torch.movedim,
-                                         torch.flip, torch.roll, torch.t, torch.swapaxes):
+        if _in(node, _PERMUTES) or t in (
+            torch.permute,
+            torch.transpose,
+            torch.movedim,
+            torch.flip,
+            torch.roll,
+            torch.t,
+            torch.swapaxes,
+        ):
             if pos != [0] or any(isinstance(a, torch.Tensor) for a in other):
                 return None
             fn = self._reapply(node, args, kwargs, pos)
@@ -291,8 +332,11 @@ class _Analysis:
             return fleaf(shifted, label, abs(c) * math.sqrt(ratio))
         if _in(node, _MUL | _DIV):
             if len(self.dep_args(node)) != 1 or len(pos) != 1:
-                raise _refuse(node, "a product of two input-dependent tensors (attention, gating) "
-                              "has no global Lipschitz constant")
+                raise _refuse(
+                    node,
+                    "a product of two input-dependent tensors (attention, gating) "
+                    "has no global Lipschitz constant",
+                )
             if _in(node, _DIV) and pos != [0]:
                 raise _refuse(node, "division by an input-dependent tensor")
             if kwargs.get("rounding_mode") is not None:
@@ -311,8 +355,11 @@ class _Analysis:
             return fleaf(fn, label, cmax * math.sqrt(ratio), "max |c|")
         if _in(node, _MATMUL):
             if len(self.dep_args(node)) != 1 or len(pos) != 1:
-                raise _refuse(node, "a product of two input-dependent tensors (attention) has "
-                              "no global Lipschitz constant")
+                raise _refuse(
+                    node,
+                    "a product of two input-dependent tensors (attention) has "
+                    "no global Lipschitz constant",
+                )
             W = args[1] if pos == [0] else args[0]
             if not isinstance(W, torch.Tensor) or W.dim() != 2:
                 raise _refuse(node, "a product with a constant that is not a matrix")
@@ -478,8 +525,10 @@ class _Analysis:
                         out[k] += c * Lof(a)[k] * math.sqrt(ratio(a))
             return out
         if _in(node, _CAT) or _in(node, _MAXMIN):
-            if _in(node, _MAXMIN) and node.target in (torch.max, torch.min) and (
-                len(node.args) < 2 or not isinstance(node.args[1], fx.Node)
+            if (
+                _in(node, _MAXMIN)
+                and node.target in (torch.max, torch.min)
+                and (len(node.args) < 2 or not isinstance(node.args[1], fx.Node))
             ):
                 raise _refuse(node, "a reduction over values (max/min along a dimension)")
             if _in(node, _CAT):
@@ -511,8 +560,11 @@ class _Analysis:
         if node.op == "call_module":
             raise _refuse(node, "a module called with several input-dependent arguments")
         if _in(node, _MUL | _DIV | _MATMUL) or node.target in (torch.bmm, torch.einsum):
-            raise _refuse(node, "a product of two input-dependent tensors (attention, gating) "
-                          "has no global Lipschitz constant")
+            raise _refuse(
+                node,
+                "a product of two input-dependent tensors (attention, gating) "
+                "has no global Lipschitz constant",
+            )
         raise _refuse(node, "lipgan knows no Lipschitz bound for this operation")
 
 
@@ -543,4 +595,18 @@ def graph_bounds(
         x = torch.randn(2, *input_shape, generator=g, dtype=torch.float64)
     with torch.no_grad():
         an.run(x)
+        # the graph must compute what the model computes (hooks, anything fx did not see)
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        y_graph = an.env.get(out) if isinstance(out, fx.Node) else None
+        y_model = model(x)
+    if not (
+        isinstance(y_graph, torch.Tensor)
+        and isinstance(y_model, torch.Tensor)
+        and y_graph.shape == y_model.shape
+        and torch.allclose(y_graph, y_model, rtol=1e-6, atol=1e-9)
+    ):
+        raise LipganError(
+            f"cannot bound {type(model).__name__}: its traced graph does not compute its output "
+            "(a hook, or state that changes between calls); lipgan would bound the wrong map"
+        )
     return an.compose()

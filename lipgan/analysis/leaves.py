@@ -175,7 +175,7 @@ def declared_constant(m: nn.Module, in_shape: tuple[int, ...] | None = None) -> 
     c = getattr(type(m), "lipschitz_constant", None)
     if c is None and "lipschitz_constant" not in vars(m):
         return None
-    c = getattr(m, "lipschitz_constant")
+    c = m.lipschitz_constant
     if callable(c):
         if in_shape is None:
             return math.nan  # declared, value needs the shape
