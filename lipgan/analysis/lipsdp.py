@@ -75,6 +75,15 @@ def lipsdp_neuron(
     compatibility and ignored), so the same weights give the same number on any machine or load.
     """
     del time_limit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: threads only spin; and one thread, one summation
+    try:
+        return _lipsdp_neuron(W0, W1, slope, max_iter, tol, lr, line_iter, krylov)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lipsdp_neuron(W0, W1, slope, max_iter, tol, lr, line_iter, krylov):
     a, b = slope
     W0 = W0.detach().double()
     W1 = W1.detach().double()
