@@ -533,7 +533,8 @@ class _Analysis:
                 raise _refuse(node, "a reduction over values (max/min along a dimension)")
             if _in(node, _CAT):
                 dim = self.val(node.kwargs).get("dim", node.args[1] if len(node.args) > 1 else 0)
-                if node.target in (torch.vstack,) or int(dim) == 0:
+                ndim = y.dim() if isinstance(y, torch.Tensor) else 1
+                if node.target in (torch.vstack,) or int(dim) % max(ndim, 1) == 0:
                     raise _refuse(node, "a concatenation along the batch dimension")
                 items = [a for a in node.args[0] if isinstance(a, fx.Node) and self.dep[a]]
                 counts = {a: items.count(a) for a in items}
@@ -551,7 +552,8 @@ class _Analysis:
             if dim is None:
                 pos_dim = 2 if node.target not in (torch.unbind, "unbind") else 1
                 dim = self.val(node.args[pos_dim]) if len(node.args) > pos_dim else 0
-            if int(dim) == 0:
+            src_val = self.env[deps[0]]
+            if int(dim) % max(src_val.dim(), 1) == 0:
                 raise _refuse(node, "a split along the batch dimension")
             return dict(Lof(deps[0]))
         if node.op == "call_function" and node.target is operator.getitem and len(deps) == 1:
@@ -599,6 +601,11 @@ def graph_bounds(
         out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
         y_graph = an.env.get(out) if isinstance(out, fx.Node) else None
         y_model = model(x)
+    if not isinstance(y_model, torch.Tensor):
+        raise LipganError(
+            "lipgan bounds models with one tensor output; this forward returns a "
+            f"{type(y_model).__name__} (wrap the model to return one tensor)"
+        )
     if not (
         isinstance(y_graph, torch.Tensor)
         and isinstance(y_model, torch.Tensor)
