@@ -286,7 +286,7 @@ def _box_bound(lam: torch.Tensor, boxes: Sequence[Sequence[int]]) -> float:
     return best
 
 
-def _zero_pad_bound(geom: ConvGeometry, n_grids: int = 3) -> float:
+def _zero_pad_bound(geom: ConvGeometry, n_grids: int = 2) -> float:
     """The ``"freq"`` bound of a zero-padded conv (any stride, dilation, groups, pads)."""
     w = geom.weight
     out = geom.out_spatial
@@ -348,7 +348,7 @@ def pad_operator_norm(shape_spatial: Sequence[int], pads, mode: str) -> float:
 
 
 def conv_upper_bound(
-    layer: nn.Module, input_shape: Sequence[int], dense_limit: int = 2**21, n_grids: int = 3
+    layer: nn.Module, input_shape: Sequence[int], dense_limit: int = 2**21, n_grids: int = 2
 ) -> tuple[float, bool, str]:
     """Certified ``||linear part||`` of a conv layer: ``(upper, exact, method)``.
 
