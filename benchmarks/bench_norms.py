@@ -25,9 +25,9 @@ from lipgan.analysis.operators import layer_bound
 from lipgan.models.gan28 import critic
 
 
-def cpu(fn):
+def cpu(fn, *args, **kw):
     t = time.process_time()
-    out = fn()
+    out = fn(*args, **kw)
     return out, time.process_time() - t
 
 
@@ -84,15 +84,15 @@ def main() -> None:
                 x = layer(x)
             if not isinstance(layer, (nn.Conv2d, nn.Linear)):
                 continue
-            b, t_bound = cpu(lambda: layer_bound(layer, in_shape, lower=False))
-            lb, t_lower = cpu(lambda: layer_bound(layer, in_shape, lower=True))
+            b, t_bound = cpu(layer_bound, layer, in_shape, lower=False)
+            lb, t_lower = cpu(layer_bound, layer, in_shape, lower=True)
             t_lower = max(t_lower - t_bound, 0.0)
             n_in, n_out = math.prod(in_shape), x.numel()
             if n_in * n_out <= args.max_dense:
-                ref, t_ref = cpu(lambda: dense_reference(layer, in_shape))
+                ref, t_ref = cpu(dense_reference, layer, in_shape)
                 kind = "dense"
             else:
-                ref, t_ref = cpu(lambda: power_reference(layer, in_shape))
+                ref, t_ref = cpu(power_reference, layer, in_shape)
                 kind = "power"
             total_bound += t_bound
             total_lower += t_lower
