@@ -321,7 +321,7 @@ def conv_operator_norm(
     n_iter: int = 300,
     tol: float = 1e-9,
     gram_iter: int = 10,
-    gram_grids: int = 3,
+    gram_grids: int = 2,
     return_vector: bool = False,
     dense_limit: int = 2**21,
 ):

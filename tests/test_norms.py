@@ -214,7 +214,7 @@ def test_reshaped_norm_is_the_kernel_matrix_norm_and_below_operator_norm():
     W = layer.weight.detach().reshape(6, -1).numpy()
     r = norms.conv_operator_norm(layer, shape, "reshaped")
     assert r == pytest.approx(np.linalg.svd(W, compute_uv=False)[0], rel=1e-10)
-    # stride 1: sigma(W_mat) <= ||conv|| <= k sigma(W_mat)  (ANCHORS, Lipschitz facts)
+    # Conv, stride 1: sigma(W_mat) <= ||conv|| <= k sigma(W_mat) (ANCHORS); not so for ConvT
     truth = dense_sigma(layer, shape)
     assert r <= truth * (1 + 1e-9) <= 3 * r * (1 + 1e-9)
     # what torch's spectral_norm normalizes by is the same reshaped value
@@ -354,3 +354,39 @@ def test_pooling_constants_bound_difference_quotients(pool, shape):
 
 def test_residual_constant():
     assert norms.residual_constant(1.0, 0.5) == 1.5
+
+
+def test_public_names_stay_importable():
+    for name in norms.__all__:
+        assert hasattr(norms, name), name
+    assert not hasattr(norms, "ONE_LIPSCHITZ_NAMES")
+
+
+def test_foreign_module_named_groupsort_gets_no_constant():
+    """Finding 2: a class *named* GroupSort is not lipgan's GroupSort (this one is 3-Lipschitz)."""
+    from lipgan.layers import GroupSort
+
+    class MaxMin(nn.Module):
+        def forward(self, x):
+            return 3 * x.sort(dim=-1).values
+
+    for name in ("GroupSort", "MaxMin", "FullSort", "MinMax"):
+        foreign = type(name, (MaxMin,), {})()
+        assert norms.activation_constant(foreign) is None
+    assert norms.activation_constant(GroupSort(2)) == 1.0
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_gram_never_below_for_nonzero_padding(mode):
+    """Finding 1: the embedding bound was taken as if zero-padded (0.29 x the truth at worst)."""
+    torch.manual_seed(210)
+    layer = nn.Conv2d(2, 4, 2, padding=3, padding_mode=mode).double()
+    shape = (2, 6, 8)
+    if mode == "reflect":  # reflect needs pad < size: the review's default-init case
+        layer, shape = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect").double(), (3, 8, 8)
+    layer.weight.data.abs_()
+    truth = dense_sigma(layer, shape)
+    for dense_limit in (0, 2**21):
+        assert norms.conv_operator_norm(layer, shape, "gram", dense_limit=dense_limit) >= truth * (
+            1 - 1e-9
+        )
