@@ -129,6 +129,8 @@ def _where(node: fx.Node) -> str:
         return ""
     qual, cls = list(stack.values())[-1]
     qual = qual[len("model.") :] if str(qual).startswith("model.") else qual
+    if qual == "model":  # the model itself
+        return f" in {cls_name.split('.')[-1]}.forward" if not isinstance(cls, str) else ""
     cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
     return f" in module {qual!r} ({cls_name.split('.')[-1]})"
 
@@ -270,7 +272,11 @@ class _Analysis:
         elif node.op == "call_method" and pos == [0]:
             mod = lv.method_module(t, tuple(args[1:]), dict(kwargs))
         if mod is not None:
-            mod = mod.double()
+            mod = mod.double().eval()
+            with torch.no_grad():  # the stand-in must compute what the call computed
+                same = mod(xin.clone())
+            if same.shape != yout.shape or not torch.allclose(same, yout, rtol=1e-7, atol=1e-10):
+                raise _refuse(node, f"lipgan's stand-in {type(mod).__name__} differs from it")
             leaf = lv.module_leaf(name, mod, sin, sout)
             leaf.type_name = f"{label} -> {type(mod).__name__}"
             return leaf

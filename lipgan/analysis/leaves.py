@@ -413,9 +413,9 @@ def _act_builders() -> dict:
         F.avg_pool1d: lambda *a, **k: nn.AvgPool1d(*a, **k),
         F.avg_pool2d: lambda *a, **k: nn.AvgPool2d(*a, **k),
         F.avg_pool3d: lambda *a, **k: nn.AvgPool3d(*a, **k),
-        F.max_pool1d: lambda *a, **k: nn.MaxPool1d(*a, **k),
-        F.max_pool2d: lambda *a, **k: nn.MaxPool2d(*a, **k),
-        F.max_pool3d: lambda *a, **k: nn.MaxPool3d(*a, **k),
+        F.max_pool1d: lambda *a, **k: nn.MaxPool1d(**_max_pool(*a, **k)),
+        F.max_pool2d: lambda *a, **k: nn.MaxPool2d(**_max_pool(*a, **k)),
+        F.max_pool3d: lambda *a, **k: nn.MaxPool3d(**_max_pool(*a, **k)),
         F.adaptive_avg_pool1d: lambda *a, **k: nn.AdaptiveAvgPool1d(*a, **k),
         F.adaptive_avg_pool2d: lambda *a, **k: nn.AdaptiveAvgPool2d(*a, **k),
         F.adaptive_avg_pool3d: lambda *a, **k: nn.AdaptiveAvgPool3d(*a, **k),
@@ -433,8 +433,25 @@ def _act_builders() -> dict:
     return table
 
 
-def _interpolate(size=None, scale_factor=None, mode="nearest", align_corners=None, **_):
-    return nn.Upsample(size, scale_factor, mode, align_corners)
+def _interpolate(
+    size=None,
+    scale_factor=None,
+    mode="nearest",
+    align_corners=None,
+    recompute_scale_factor=None,
+    antialias=False,
+):
+    if antialias:
+        return None  # nn.Upsample has no antialiasing: no stand-in
+    return nn.Upsample(size, scale_factor, mode, align_corners, recompute_scale_factor)
+
+
+def _max_pool(*args, **kwargs):
+    """F.max_poolNd's argument order (..., dilation, ceil_mode, return_indices) as keywords."""
+    names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+    kw = dict(zip(names, args))
+    kw.update(kwargs)
+    return kw
 
 
 def _pad(pad, mode="constant", value=None):
