@@ -129,9 +129,9 @@ def _where(node: fx.Node) -> str:
         return ""
     qual, cls = list(stack.values())[-1]
     qual = qual[len("model.") :] if str(qual).startswith("model.") else qual
-    if qual == "model":  # the model itself
-        return f" in {cls_name.split('.')[-1]}.forward" if not isinstance(cls, str) else ""
     cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    if qual == "model":  # the model itself
+        return f" in {cls_name.split('.')[-1]}.forward"
     return f" in module {qual!r} ({cls_name.split('.')[-1]})"
 
 
