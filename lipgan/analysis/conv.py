@@ -323,18 +323,22 @@ def _refined_box_bound(
     flat = torch.zeros(P, dtype=torch.long)
     for ax in range(d_):
         flat = flat * hs[ax] + src[:, ax]
+    Kh = half.reshape(groups, -1, *half.shape[-2:])
+    out_side = Kh.shape[-2] <= Kh.shape[-1]
+    c = Kh.shape[-2] if out_side else Kh.shape[-1]
+    r = min(rank, c)
+    if r * P > _REFINE_LIMIT:
+        return hi
+    h_all = Kh @ Kh.mT.conj() if out_side else Kh.mT.conj() @ Kh
+    ev_all, U_all = torch.linalg.eigh(h_all)  # ascending
+    margin_all = c * 1e-14 * torch.linalg.matrix_norm(h_all, ord="fro")  # eigh's backward error
+    # the scalar box bound on this torus from the same spectra (lambda = top eigenvalue)
+    lam = (ev_all[..., -1] + margin_all).amax(0)[flat].reshape(M)
+    hi = min(hi, _box_bound(lam, [tuple(box_in), tuple(box_out)]))
+    box = tuple(min(int(b), m) for b, m in zip(box_out if out_side else box_in, M))
     best = 0.0
     for g in range(groups):
-        Kh = half[g].reshape(-1, *half.shape[-2:])
-        out_side = Kh.shape[-2] <= Kh.shape[-1]
-        c = Kh.shape[-2] if out_side else Kh.shape[-1]
-        r = min(rank, c)
-        if r * P > _REFINE_LIMIT:
-            return hi
-        h = Kh @ Kh.mT.conj() if out_side else Kh.mT.conj() @ Kh
-        box = tuple(min(int(b), m) for b, m in zip(box_out if out_side else box_in, M))
-        ev_h, U_h = torch.linalg.eigh(h)  # ascending
-        margin_h = c * 1e-14 * torch.linalg.matrix_norm(h, ord="fro")  # eigh's backward error
+        ev_h, U_h, margin_h = ev_all[g], U_all[g], margin_all[g]
         ev, margin = ev_h[flat], margin_h[flat]
         U = torch.where(mirror[:, None, None], U_h[flat].conj(), U_h[flat])
         mu = (ev[:, c - r - 1] if r < c else torch.zeros_like(ev[:, 0])) + margin
@@ -359,7 +363,7 @@ def _refined_box_bound(
         top = hi
         if lo >= top or not _certified(top, *parts):
             return hi
-        for _ in range(16):
+        for _ in range(12):
             mid = 0.5 * (lo + top)
             if _certified(mid, *parts):
                 top = mid
@@ -380,15 +384,20 @@ def _zero_pad_bound(geom: ConvGeometry, n_grids: int = 2, rank: int = 8) -> floa
         first = -(-first // s) * s
         sizes.append([first + s * j for j in range(n_grids)])
         boxes_in.append((lo + n - 1) // s - lo // s + 1)
-    best, small_grid = math.inf, None
-    for grid in zip(*sizes):
-        lam = _lambda_full(w, grid, geom.stride, geom.dilation, geom.groups)
-        best = min(best, _box_bound(lam, [tuple(boxes_in), tuple(out)]))
-        small_grid = small_grid or grid  # the smallest torus: the cheapest refinement
-    if rank > 0 and small_grid is not None and best > 0:
+    grids = list(zip(*sizes))
+    co, cig = w.shape[:2]
+    c = min(co // geom.groups, cig * math.prod(geom.stride))
+    P = math.prod(n // s for n, s in zip(grids[0], geom.stride))
+    if rank > 0 and min(rank, c) * P <= _REFINE_LIMIT:
+        # the refinement on the smallest torus (its own scalar bound included) beats more tori
         best = _refined_box_bound(
-            w, small_grid, geom.stride, geom.dilation, geom.groups, boxes_in, out, best, rank
+            w, grids[0], geom.stride, geom.dilation, geom.groups, boxes_in, out, math.inf, rank
         )
+    else:
+        best = math.inf
+        for grid in grids:
+            lam = _lambda_full(w, grid, geom.stride, geom.dilation, geom.groups)
+            best = min(best, _box_bound(lam, [tuple(boxes_in), tuple(out)]))
     return math.sqrt(max(best, 0.0))
 
 
