@@ -91,7 +91,7 @@ def test_param_hessian_matches_dense_hessian():
 
 @pytest.mark.parametrize("n,rank,seed", [(100, 5, 0), (100, 5, 1), (50, 3, 1), (200, 10, 0)])
 def test_rank_deficient_psd_hessian_has_mu_zero(n, rank, seed):
-    """Finding 4: Lanczos past breakdown reported mu = -2648 (here) for a PSD Hessian, mu = 0."""
+    """Finding 4: Lanczos past breakdown gave mu = -3290 (first case) for a PSD Hessian (mu 0)."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rank, n, generator=g, dtype=torch.float64)
 
