@@ -290,6 +290,7 @@ def cholesky_certifies(G: torch.Tensor, t: float, delta: float = 0.0) -> bool:
     so ``||E||_2 <= gamma_{n+1} ||L||_F^2 <= gamma_{n+1} tr(B) / (1 - gamma_{n+1})`` and
     ``B >= -||E|| I``; then ``t I - G' >= (c - ||E|| - ||D|| - u|t| - delta) I >= 0`` where D is
     the rounding of the diagonal ``t - c - G_ii``. ``c`` covers those terms, ``||E||`` ten times.
+    Only G's lower triangle is read (LAPACK's potrf), so G may be symmetric up to rounding.
     """
     G = G.to(torch.float64)
     n = G.shape[-1]
@@ -310,7 +311,7 @@ def cholesky_max_eig(
 ) -> float | None:
     """Certified ``t >= lambda_max(G')`` for every symmetric ``G'`` within ``delta`` of ``G``.
 
-    A Lanczos estimate ``lam`` (from below) of ``lambda_max(G)``, then the first
+    A Lanczos estimate ``lam`` (in float32: only an estimate) of ``lambda_max(G)``, then the first
     ``t = lam (1 + step) + 2 delta`` that :func:`cholesky_certifies`; None when none does.
     G: (n, n) float64 symmetric.
     """
@@ -320,7 +321,9 @@ def cholesky_max_eig(
         return 0.0
     gen = torch.Generator().manual_seed(seed)
     v0 = torch.randn(n, generator=gen, dtype=torch.float64)
-    lam, _ = lanczos_extreme(lambda v: G @ v, v0, n_iter=600, tol=1e-9, krylov=60)
+    G32 = G.tril().to(torch.float32)
+    G32 = G32 + G32.tril(-1).t()  # the symmetric matrix the Cholesky sees
+    lam, _ = lanczos_extreme(lambda v: G32 @ v, v0.float(), n_iter=300, tol=1e-6, krylov=50)
     lam = max(lam, 0.0)
     floor = 2 * delta + 1e-300
     for step in steps:
