@@ -427,9 +427,11 @@ def _conv_grams(geom: ConvGeometry, limit: int, max_entries: int = 2**25):
         return None
     xf, ok = torch.zeros((), dtype=torch.long), torch.ones((), dtype=torch.bool)
     for ax in range(d):
-        xa = geom.stride[ax] * torch.arange(out[ax])[:, None] + geom.dilation[ax] * torch.arange(
-            k[ax]
-        )[None, :] - geom.pads[ax][0]
+        xa = (
+            geom.stride[ax] * torch.arange(out[ax])[:, None]
+            + geom.dilation[ax] * torch.arange(k[ax])[None, :]
+            - geom.pads[ax][0]
+        )
         shape = [1] * (2 * d)
         shape[ax], shape[d + ax] = out[ax], k[ax]
         xa = xa.reshape(shape)
