@@ -87,3 +87,18 @@ def test_param_hessian_matches_dense_hessian():
     ev = np.linalg.eigvalsh(H.numpy())
     assert res["L"] == pytest.approx(ev[-1], rel=1e-6)
     assert res["mu"] == pytest.approx(ev[0], rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("n,rank,seed", [(100, 5, 0), (100, 5, 1), (50, 3, 1), (200, 10, 0)])
+def test_rank_deficient_psd_hessian_has_mu_zero(n, rank, seed):
+    """Finding 4: Lanczos past breakdown gave mu = -3290 (first case) for a PSD Hessian (mu 0)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rank, n, generator=g, dtype=torch.float64)
+
+    def f(x):
+        return 0.5 * (W @ x).square().sum()  # Hessian W^T W
+
+    res = S.input_hessian_extremes(f, torch.randn(n, generator=g, dtype=torch.float64))
+    ev = np.linalg.eigvalsh((W.t() @ W).numpy())
+    assert res["L"] == pytest.approx(ev[-1], rel=1e-8)
+    assert abs(res["mu"]) <= 1e-8 * res["L"]

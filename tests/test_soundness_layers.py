@@ -119,7 +119,8 @@ def test_conv_bounds_never_below_the_dense_truth(cfg):
     layer, shape = build_conv(cfg)
     assume(layer is not None)
     check_affine(layer, shape)  # exact paths (dense, fft) where they apply
-    check_affine(layer, shape, dense_limit=0)  # the structured bounds alone
+    check_affine(layer, shape, dense_limit=0)  # the Cholesky certificate where it applies
+    check_affine(layer, shape, dense_limit=0, chol_limit=0)  # the structured bounds alone
 
 
 @pytest.mark.slow
@@ -129,6 +130,7 @@ def test_conv_bounds_sweep(cfg):
     layer, shape = build_conv(cfg)
     assume(layer is not None)
     check_affine(layer, shape, dense_limit=0)
+    check_affine(layer, shape, dense_limit=0, chol_limit=0)
 
 
 # ---------------------------------------------------------------- other linear layers
@@ -403,7 +405,7 @@ def test_finding9_dense_gram_is_built_on_the_smaller_side(monkeypatch):
     grams = []
     real_top = conv_mod._top_sq
     monkeypatch.setattr(conv_mod, "_top_sq", lambda m: grams.append(m.shape) or real_top(m))
-    b = layer_bound(layer, (1, 28, 28), lower=False)
+    b = layer_bound(layer, (1, 28, 28), lower=False, chol_limit=0)
     assert b.method == "freq" and grams and all(s[-2:] == (64, 4) for s in grams)
 
 
@@ -430,3 +432,72 @@ def test_convtranspose_reshaped_value_can_exceed_the_operator_norm():
         truth = dense_truth(layer, (8, 7, 7))
         above += norms.conv_operator_norm(layer, (8, 7, 7), "reshaped") > truth * 1.001
     assert above > 0
+
+
+# ---------------------------------------------------------------- the Cholesky certificate
+
+
+@pytest.mark.parametrize("width", [4, 8])
+def test_cholesky_bound_is_within_1e3_of_exact_on_the_dcgan28_critic_convs(width):
+    """All three convs of the dcgan28 critic (5x5/2, zero padding 2): "chol", <= 1e-3 above."""
+    from lipgan.models.gan28 import critic
+
+    torch.manual_seed(0)
+    model = critic(width).double().eval()
+    shapes = [(1, 28, 28), (width, 14, 14), (2 * width, 7, 7)]
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3
+    for layer, shape in zip(convs, shapes):
+        truth = dense_truth(layer, shape)
+        b = layer_bound(layer, shape, dense_limit=0, lower=False)
+        assert b.method == "chol", (layer, b)
+        assert truth * UP <= b.upper <= truth * (1 + 1e-3), (layer, b.upper, truth)
+
+
+def _gram_with_top(n: int, top: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    ev = torch.rand(n, generator=g, dtype=torch.float64) * 0.9 * top
+    ev[0] = top
+    return (Q * ev) @ Q.t()
+
+
+def test_cholesky_certificate_rejects_a_too_small_t():
+    G = _gram_with_top(200, 2.0)
+    lam = float(torch.linalg.eigvalsh(G)[-1])
+    assert iteration.cholesky_certifies(G, lam * (1 + 1e-6))
+    assert not iteration.cholesky_certifies(G, lam * (1 - 1e-6))
+    # the factorization's margin: t barely above lambda_max is not enough for a proof
+    assert not iteration.cholesky_certifies(G, lam * (1 + 1e-16))
+
+
+def test_cholesky_certificate_covers_the_stated_gram_error():
+    """With ||G' - G|| <= delta, a t below lambda_max(G) + delta must not be certified."""
+    G = _gram_with_top(100, 1.0, seed=3)
+    lam = float(torch.linalg.eigvalsh(G)[-1])
+    delta = 1e-4
+    assert iteration.cholesky_certifies(G, lam + 0.5 * delta)
+    assert not iteration.cholesky_certifies(G, lam + 0.5 * delta, delta)
+    assert iteration.cholesky_certifies(G, lam + 1.5 * delta, delta)
+    t = iteration.cholesky_max_eig(G, delta)
+    assert t is not None and lam + delta <= t <= lam * (1 + 1e-3) + 3 * delta
+
+
+def test_conv_gram_matches_the_dense_gram_and_its_error_bound():
+    """The assembled Gram is the dense matrix's Gram (up to the ordering of its basis)."""
+    torch.manual_seed(0)
+    for layer, shape in [
+        (nn.Conv2d(3, 5, 3, stride=2, padding=1, groups=1), (3, 7, 6)),  # output side
+        (nn.Conv2d(2, 12, 5, stride=2, padding=2), (2, 6, 6)),  # input side
+    ]:
+        layer = layer.double()
+        n = math.prod(shape)
+        eye = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+        with torch.no_grad():
+            A = layer(eye) - layer(torch.zeros(1, *shape, dtype=torch.float64))
+        A = A.reshape(n, -1).t()
+        ((G, delta),) = conv_mod._conv_grams(conv_mod.conv_geometry(layer, shape), 10**6)
+        ref = A @ A.t() if G.shape[0] == A.shape[0] else A.t() @ A
+        ev, ev_ref = torch.linalg.eigvalsh(G.tril() + G.tril(-1).t()), torch.linalg.eigvalsh(ref)
+        assert torch.allclose(ev, ev_ref, atol=1e-12, rtol=0)
+        assert 0 < delta < 1e-9

@@ -319,12 +319,14 @@ def layer_bound(
     lower: bool = True,
     n_iter: int = 150,
     seed: int = 0,
+    chol_limit: int = _conv.CHOL_LIMIT,
 ) -> LayerBound:
     """Certified ``upper`` and attained ``lower`` Lipschitz bounds (L2) of one layer.
 
     ``input_shape``: the layer's input without the batch dimension. ``dense_limit``: the largest
     dense matrix (entries) built for an exact norm. ``lower=False`` skips the power iteration
     where the bound is not exact (``lower`` is then 0). ``n_iter``: its matrix-vector products.
+    ``chol_limit``: the largest smaller side of a conv certified by Cholesky (0: never).
     Raises ``LipganError`` naming the module when it cannot be bounded soundly.
     """
     m = module
@@ -336,7 +338,7 @@ def layer_bound(
             return LayerBound(0.0, 0.0, True, "svd")
         return _exact(float(torch.linalg.matrix_norm(W, ord=2)), "svd")
     if isinstance(m, _conv.CONV_TYPES):
-        up, exact, method = _conv.conv_upper_bound(m, shape, dense_limit)
+        up, exact, method = _conv.conv_upper_bound(m, shape, dense_limit, chol_limit=chol_limit)
         if exact:
             return LayerBound(up * (1 + _ROUND), up / (1 + 1e-9), True, method)
         low = 0.0
