@@ -16,7 +16,7 @@ from torch import nn
 from lipgan import constraints as C
 from lipgan import layers as L
 
-IMG = (3, 8, 8)
+IMG = (2, 8, 8)
 TOL = 1e-3
 
 
@@ -32,13 +32,13 @@ def one_thread():
 def critic() -> nn.Sequential:
     """Zero padding at strides 1 and 2, full circular padding, a transposed conv and a Linear."""
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Conv2d(2, 4, 3, padding=1),
         nn.LeakyReLU(0.2),
-        nn.Conv2d(8, 16, 4, stride=2, padding=1),
+        nn.Conv2d(4, 8, 4, stride=2, padding=1),
         nn.LeakyReLU(0.2),
-        nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"),
         nn.LeakyReLU(0.2),
-        nn.ConvTranspose2d(16, 4, 4, stride=2, padding=1),
+        nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1),
         nn.LeakyReLU(0.2),
         nn.Conv2d(4, 4, 5, padding=2),
         nn.LeakyReLU(0.2),
@@ -79,9 +79,10 @@ def train(net: nn.Module, sn: C.SpectralNorm, seed: int, steps: int = 30) -> Non
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _ in range(steps):
-        real = torch.randn((16, *IMG), generator=g)
-        fake = torch.randn((16, *IMG), generator=g) * 0.5 + 0.3
-        loss = net(fake).mean() - net(real).mean()
+        real = torch.randn((8, *IMG), generator=g)
+        fake = torch.randn((8, *IMG), generator=g) * 0.5 + 0.3
+        out = net(torch.cat([fake, real]))  # one forward per step: the test stays fast
+        loss = out[:8].mean() - out[8:].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
