@@ -553,8 +553,11 @@ class GroupSort(nn.Module):
     """Sort each group of ``group_size`` consecutive channels (along ``dim``), ascending.
 
     ``(B, C, ...) -> (B, C, ...)``, ``C`` a multiple of ``group_size``. The map is a
-    data-dependent permutation: 1-Lipschitz and gradient-norm preserving. ``group_size=2`` is
-    MaxMin, the variant Anil et al. (2019) use for most experiments.
+    data-dependent permutation, continuous at ties: 1-Lipschitz in the L2 norm (sorting never
+    increases ``||x - y||``) and gradient-norm preserving (its Jacobian is a permutation almost
+    everywhere). ``group_size=2`` is MaxMin, the variant Anil et al. (2019) use for most
+    experiments. ``dim`` should be a feature dimension: along the batch (0) the map still is
+    1-Lipschitz on the whole batch, but it mixes samples, so it is not a per-sample function.
     """
 
     def __init__(self, group_size: int = 2, dim: int = 1) -> None:
