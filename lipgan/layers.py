@@ -139,6 +139,7 @@ class SpectralNormParametrization(nn.Module):
                 self._power(weight, init_iterations)
         # B / <u, A v> after a certifying converge(); 1 once training moves the weight again
         self.register_buffer("_certificate", torch.ones((), device=weight.device))
+        self._register_load_state_dict_pre_hook(self._certificate_on_load)
 
     # -- state ------------------------------------------------------------------------------
     def mark_stale(self) -> None:
@@ -221,7 +222,8 @@ class SpectralNormParametrization(nn.Module):
             return m.t()
         n_in = math.prod(self.input_shape)
         shell = self._shell(w)
-        n_out = math.prod(shell(torch.zeros(1, *self.input_shape, dtype=w.dtype)).shape)
+        zero = torch.zeros(1, *self.input_shape, dtype=w.dtype, device=w.device)
+        n_out = math.prod(shell(zero).shape)
         if min(n_in, n_out) > self.DENSE_LIMIT or n_in * n_out > self.DENSE_ENTRIES:
             return None
         basis = torch.eye(n_in, dtype=w.dtype, device=w.device).reshape(n_in, *self.input_shape)
@@ -286,15 +288,17 @@ class SpectralNormParametrization(nn.Module):
         else:
             self._u.copy_(_unit(self._matrix(weight) @ v, self.eps))
 
+    def _certificate_on_load(self, state_dict, prefix, *args, **kwargs) -> None:
+        if prefix + "_certificate" not in state_dict:
+            # saved before certificates existed: the kept power estimate, as it was then
+            state_dict[prefix + "_certificate"] = torch.ones(())
+
     def _resize_on_load(self, state_dict, prefix, *args, **kwargs) -> None:
         # Lazily shaped buffers: take the saved shape so a fresh layer loads a trained one.
         for name in ("_u", "_v"):
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
-        if prefix + "_certificate" not in state_dict:
-            # saved before certificates existed: the kept power estimate, as it was then
-            state_dict[prefix + "_certificate"] = torch.ones(())
         saved_v = state_dict.get(prefix + "_v")
         if saved_v is not None and saved_v.numel() > 0:
             self.input_shape = tuple(saved_v.shape[1:])

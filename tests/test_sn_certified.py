@@ -187,3 +187,16 @@ def test_reshaped_mode_converge_certifies_the_reshaped_sigma():
             w = w.transpose(0, 1)
         s = float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2))
         assert 1 - 1e-5 <= s <= 1 + 1e-5, (layer, s)
+
+
+def test_a_state_dict_saved_before_certificates_loads():
+    torch.manual_seed(5)
+    net = critic()
+    C.get("spectral-norm", mode="operator").attach(net)
+    net(torch.zeros(1, *IMG))
+    old = {k: v for k, v in net.state_dict().items() if not k.endswith("_certificate")}
+    other = critic()
+    C.get("spectral-norm", mode="operator").attach(other)
+    other.load_state_dict(old)  # strict: the missing certificate loads as 1
+    scales = [float(p._certificate) for p in L.spectral_norm_parametrizations(other)]
+    assert scales == [1.0] * len(scales)
