@@ -14,6 +14,7 @@ import torch
 from lipgan import compare, gan, report
 from lipgan.compare import CompareConfig, parse_duration, plan_runs, run_compare
 from lipgan.errors import LipganError
+from lipgan.experiments import sweep
 
 # Tiny and quick: width 8, batch 16, one thread (two cores are shared by several processes; more
 # threads only fight), a 128-sample FID at the end of each run, no TensorBoard.
@@ -485,7 +486,7 @@ def test_jobs_ctrl_c_interrupts_the_workers(tmp_path, monkeypatch):
     import threading
     import time
 
-    monkeypatch.setattr(compare, "STOP_GRACE_S", 0.2)
+    monkeypatch.setattr(sweep, "STOP_GRACE_S", 0.2)
     cfg = tiny(tmp_path / "c", steps=100_000, jobs=2, evaluate=False)
     statuses = [p.path / "status.json" for p in plan_runs(cfg)]
 

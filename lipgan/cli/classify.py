@@ -16,7 +16,19 @@ def register(sub) -> None:
             "OUT/config.yaml, OUT/results.json and OUT/classifier.safetensors."
         ),
     )
-    p.add_argument("--reg", default="none", help="none|l2|frobenius|snr|sn|gp (default none)")
+    p.add_argument(
+        "--reg",
+        default="none",
+        help="none|l2|frobenius|snr|sn|gp or any lipgan.constraints name, e.g. bjorck "
+        "(default none)",
+    )
+    p.add_argument(
+        "--reg-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the method's constraint, e.g. iters=30 for bjorck (repeatable)",
+    )
     p.add_argument("--lam", type=float, help="regularizer strength (default: the method's own)")
     p.add_argument("--sn-mode", default="operator", help="for --reg sn: operator or reshaped")
     p.add_argument("--model", default="mlp", help="mlp or cnn (default mlp)")
@@ -52,6 +64,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-eval", action="store_true", help="train and report accuracy only")
     p.add_argument("--out", help="run folder to write (default: print only)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the classify run already in --out"
+    )
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=_classify)
 
@@ -61,6 +76,7 @@ _EVAL_FLAGS = ("eval_n", "pgd_steps", "pgd_restarts", "hessian_iters", "eps")
 
 def _classify(args) -> int:
     from lipgan.classify import ClassifyConfig, reevaluate, run
+    from lipgan.experiments.sweep import parse_options
 
     given = {k: getattr(args, k) for k in _EVAL_FLAGS if getattr(args, k) is not None}
     if args.lipsdp:
@@ -83,6 +99,7 @@ def _classify(args) -> int:
         lr=args.lr,
         reg=args.reg,
         lam=args.lam,
+        reg_options=parse_options(args.reg_option, "--reg-option"),
         sn_mode=args.sn_mode,
         certify=args.certify,
         seed=args.seed,
@@ -92,7 +109,7 @@ def _classify(args) -> int:
     )
     for k, v in given.items():
         setattr(cfg, k, v)
-    res = run(cfg, log=None if args.json else print)
+    res = run(cfg, log=None if args.json else print, overwrite=args.overwrite)
     return _print(res, args)
 
 

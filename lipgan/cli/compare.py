@@ -1,4 +1,5 @@
-"""`lipgan compare --methods ... --seeds N --budget 20m|--steps N --out DIR [--jobs N] [flags]`."""
+"""`lipgan compare --methods ... [--variant NAME:k=v,...] --seeds N --budget 20m|--steps N --out DIR
+[--jobs N] [flags]`."""
 
 from __future__ import annotations
 
@@ -19,8 +20,22 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated trainer presets (default {','.join(DEFAULT_METHODS)})",
+        default=None,
+        help=f"comma-separated methods: trainer presets or constraint names (default "
+        f"{','.join(DEFAULT_METHODS)}, or none when --variant or --variants is given)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="a config variant compared too, e.g. w64:method=frobenius,width=64 (any `lipgan "
+        "train` field; runs in OUT/runs/NAME-seed<k>; repeatable)",
+    )
+    p.add_argument(
+        "--variants",
+        metavar="FILE",
+        help="variants from a YAML file: a mapping NAME: {method: ..., width: ..., ...}",
     )
     p.add_argument("--seeds", type=int, default=2, help="seeds per method: 0..N-1 (default 2)")
     bound = p.add_mutually_exclusive_group()
@@ -71,18 +86,18 @@ def register(sub) -> None:
 
 
 def _compare(args) -> int:
-    import yaml
-
-    from lipgan.compare import CompareConfig, parse_duration, run_compare
+    from lipgan.compare import DEFAULT_METHODS, CompareConfig, parse_duration, run_compare
     from lipgan.errors import LipganError
+    from lipgan.experiments import sweep
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    options = {}
-    for item in args.train_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LipganError(f"--train-option {item!r}: write KEY=VALUE, e.g. threads=2")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    variants = [sweep.parse_variant(v) for v in args.variant]
+    if args.variants:
+        variants += sweep.read_variants(args.variants)
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    else:
+        methods = [] if variants else list(DEFAULT_METHODS)
+    options = sweep.parse_options(args.train_option, "--train-option")
     budget = None
     if args.steps is None:
         budget = parse_duration(args.budget or "20m")
@@ -101,6 +116,7 @@ def _compare(args) -> int:
         precision=args.precision,
         dataset=args.dataset,
         train_options=options,
+        variants=variants,
         eval_n=args.eval_n,
         evaluate=not args.no_eval,
         retry_failed=args.retry_failed,

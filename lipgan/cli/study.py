@@ -23,10 +23,19 @@ def register(sub) -> None:
     g.add_argument("--dataset", default="mnist")
     g.add_argument("--data-dir")
     g.add_argument(
-        "--regs", nargs="+", help="regularizers to include (default: none l2 frobenius snr gp sn)"
+        "--regs",
+        nargs="+",
+        help="regularizers to include: classify --reg names (default: none l2 frobenius snr gp sn)",
     )
     g.add_argument("--eval-n", type=int, default=1000, help="test images for robustness checks")
-    g.add_argument("--workers", type=int, default=2, help="cells run in parallel (1 thread each)")
+    g.add_argument(
+        "--jobs",
+        "--workers",
+        dest="jobs",
+        type=int,
+        default=2,
+        help="cells run at a time, one thread each (default 2; --workers is the old name)",
+    )
     g.add_argument("--out", default="runs/study-generalization")
     g.add_argument("--gather-only", action="store_true", help="only rebuild CSVs, plots, study.md")
     g.add_argument(
@@ -50,7 +59,7 @@ def _generalization(args) -> int:
         data_dir=args.data_dir,
         regs=list(args.regs) if args.regs else list(DEFAULT_GRID),
         eval_n=args.eval_n,
-        workers=args.workers,
+        jobs=args.jobs,
     )
     command = "lipgan " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("lipgan") else None
     if args.gather_only:
