@@ -257,7 +257,7 @@ def _status(path: Path) -> dict:
         with open(path / "status.json", encoding="utf-8") as fh:
             value = json.load(fh)
         return value if isinstance(value, dict) else {}
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return {}
 
 

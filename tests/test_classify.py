@@ -254,3 +254,51 @@ def test_cli_smoke(mnist, tmp_path, capsys):
     assert main(["classify", "--reg", "nope"]) == 2
     assert "unknown regularizer" in capsys.readouterr().err
     assert main(["classify", "--certify", "0", "--epochs", "1"]) == 2
+
+
+def test_out_holding_a_run_is_refused_unless_overwrite(mnist, tmp_path, capsys):
+    """A second classify into the same --out must not replace the first run silently."""
+    from lipgan.cli import main
+
+    out = tmp_path / "d"
+    base = ["classify", "--train-subset", "200", "--epochs", "1", "--no-eval", "--out", str(out)]
+    assert main(base) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(base + ["--reg", "l2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a classify run" in err and str(out) in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    assert main(base + ["--reg", "l2", "--overwrite"]) == 0
+    assert json.loads((out / "results.json").read_text())["config"]["reg"] == "l2"
+    # a folder of something else is never a classify run to replace
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("precious")
+    with pytest.raises(LipganError, match="not a classify run"):
+        run(ClassifyConfig(out=str(other), **QUICK), log=None, overwrite=True)
+    assert (other / "notes.txt").read_text() == "precious"
+
+
+def test_any_registry_method_trains_bjorck_orthonormal(mnist):
+    """`--reg bjorck` (a constraint name, no classifier preset): every Linear of the trained
+    network has singular values 1 (Björck orthonormalization), by torch's SVD."""
+    cfg = ClassifyConfig(reg="bjorck", reg_options={"iters": 30}, **{**QUICK, "epochs": 1})
+    tr = train(cfg, log=None)
+    for m in tr.plain:
+        if isinstance(m, nn.Linear):
+            s = torch.linalg.svdvals(m.weight.double())
+            assert float(s.max()) <= 1 + 1e-3 and float(s.min()) >= 1 - 2e-2, s
+    with pytest.raises(LipganError, match="no strength"):
+        ClassifyConfig(reg="bjorck", lam=0.1).resolved()
+    with pytest.raises(LipganError, match="bad option"):
+        ClassifyConfig(reg="bjorck", reg_options={"nope": 1}).resolved()
+
+
+def test_reg_names_are_the_shared_vocabulary():
+    from lipgan import constraints
+    from lipgan.train.classifier import method_names
+
+    names = method_names()
+    assert {"none", "l2", "frobenius", "snr", "sn", "gp"} <= set(names)
+    assert set(constraints.available()) <= set(names)
