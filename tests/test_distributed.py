@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lipgan import distributed as D
 from lipgan.errors import LipganError
 from lipgan.gan import GANTrainer, TrainConfig
+from lipgan.train import distributed as D
 
 TOL = 1e-5
 STEPS = 20
