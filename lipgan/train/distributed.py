@@ -14,23 +14,20 @@ therefore describes every rank, and resume is a plain load on each.
 
 Entry points:
 
-- ``torchrun --nproc_per_node=N -m lipgan.distributed [lipgan train flags]``
-  (:func:`main_from_env` under torchrun);
-- :func:`launch` (``python -m lipgan.distributed --nproc N [flags]``) starts N local processes;
-- :func:`maybe_run` is what ``lipgan train --nproc N`` and ``torchrun -m lipgan train`` call;
-  it returns ``None`` when the run is not distributed.
+- ``torchrun --nproc_per_node=N -m lipgan train [flags]`` (:func:`main_from_env` under torchrun);
+- ``lipgan train --nproc N [flags]``: :func:`launch` starts N local processes;
+- :func:`maybe_run` is what ``lipgan train`` calls; it returns ``None`` when the run is not
+  distributed.
 
 Logging, samples, checkpoints and exports happen on rank 0 only, through
-:class:`lipgan.gan.Session`, with the :class:`DistributedTrainer` in place of its trainer.
+:class:`lipgan.train.loop.Session`, with the :class:`DistributedTrainer` in place of its trainer.
 See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -43,16 +40,15 @@ from torch import nn
 
 from lipgan import constraints as C
 from lipgan.errors import LipganError
-from lipgan.train.config import TrainConfig, resolve
+from lipgan.train.config import TrainConfig
 from lipgan.train.gan import GANTrainer
 from lipgan.train.loop import NonFiniteLoss
+from lipgan.train.presets import resolve
 
 __all__ = [
     "DistributedTrainer",
-    "add_arguments",
     "is_main_process",
     "launch",
-    "main",
     "main_from_env",
     "maybe_run",
     "replicas_in_sync",
@@ -144,7 +140,7 @@ def is_main_process() -> bool:
 
 
 class DistributedTrainer(GANTrainer):
-    """A :class:`lipgan.gan.GANTrainer` whose critic and generator updates are data parallel.
+    """A :class:`lipgan.train.gan.GANTrainer` whose critic and generator updates are data parallel.
 
     Needs an initialized default process group. ``cfg.batch_size`` is the GLOBAL batch ``B``;
     each of the ``world_size`` ranks takes rows ``[rank * b, (rank + 1) * b)``, ``b = B / N``, of
@@ -167,7 +163,7 @@ class DistributedTrainer(GANTrainer):
         if not (dist.is_available() and dist.is_initialized()):
             raise LipganError(
                 "DistributedTrainer needs torch.distributed initialized; run it under torchrun "
-                "or through lipgan.distributed.launch"
+                "or through lipgan.train.distributed.launch"
             )
         cfg = resolve(cfg)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -499,7 +495,7 @@ def _env_int(name: str) -> int:
     except (KeyError, ValueError):
         raise LipganError(
             f"environment variable {name} missing or not a number: main_from_env runs under "
-            "torchrun (torchrun --nproc_per_node=N -m lipgan.distributed ...)"
+            "torchrun (torchrun --nproc_per_node=N -m lipgan train ...)"
         ) from None
 
 
@@ -527,14 +523,14 @@ def _spawn_entry(rank: int, world: int, init_method: str, cfg: dict, resume: boo
 
 
 def launch(
-    cfg: TrainConfig | argparse.Namespace,
+    cfg: TrainConfig,
     nproc: int,
     resume: bool = False,
     start_method: str = "spawn",
 ) -> Path:
     """Train ``cfg`` with ``nproc`` local processes (DDP); returns the run folder.
 
-    ``cfg`` is a TrainConfig or parsed ``lipgan train`` arguments. CPU: gloo, and each process
+    CPU: gloo, and each process
     gets ``cores / nproc`` threads unless ``cfg.threads`` or OMP_NUM_THREADS say otherwise.
     CUDA: NCCL, process ``r`` on ``cuda:r``. A LipganError in any process is raised here with
     its message.
@@ -544,11 +540,6 @@ def launch(
     """
     import torch.multiprocessing as mp
 
-    if isinstance(cfg, argparse.Namespace):
-        from lipgan.cli.train import config_from_args
-
-        resume = resume or bool(getattr(cfg, "resume", None))
-        cfg = config_from_args(cfg)
     if int(nproc) < 1:
         raise LipganError(f"--nproc must be >= 1, got {nproc}")
     cfg = resolve(cfg)
@@ -605,43 +596,3 @@ def maybe_run(
     if nproc is None or int(nproc) == 1:
         return None
     return launch(cfg, int(nproc), resume=resume)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--nproc`` to a ``lipgan train`` parser (the flag is defined in lipgan.cli.train)."""
-    from lipgan.cli.train import add_nproc_argument
-
-    add_nproc_argument(parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lipgan.distributed [train] [--nproc N] [lipgan train flags]``."""
-    from lipgan.cli import train as cli_train
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        argv = argv[1:]
-    pre = argparse.ArgumentParser(add_help=False)
-    add_arguments(pre)
-    known, rest = pre.parse_known_args(argv)
-    parser = argparse.ArgumentParser(prog="python -m lipgan.distributed")
-    sub = parser.add_subparsers(dest="command")
-    cli_train.register(sub)  # the very flags of `lipgan train`
-    try:
-        args = parser.parse_args(["train", *rest])
-        cfg = cli_train.config_from_args(args)
-        resume = bool(args.resume)
-        if _under_launcher():
-            path = main_from_env(cfg, resume=resume)
-        else:
-            path = launch(cfg, max(1, known.nproc), resume=resume)
-    except LipganError as exc:
-        print(f"lipgan: error: {exc}", file=sys.stderr)
-        return 2
-    if is_main_process():
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -35,9 +35,10 @@ from torch import nn
 from lipgan import constraints as C
 from lipgan import models
 from lipgan.errors import LipganError
-from lipgan.train.config import TrainConfig, _builder_default, resolve
+from lipgan.train.config import TrainConfig
 from lipgan.train.device import resolve_device
-from lipgan.train.losses import _OPTIMIZERS, LOSSES
+from lipgan.train.losses import LOSSES, OPTIMIZERS
+from lipgan.train.presets import resolve
 from lipgan.train.rng import _python_rng_state, _set_python_rng_state, isolated_rng
 
 
@@ -121,7 +122,7 @@ class GANTrainer:
         self.generator.train()
         self.critic.train()
 
-        make = _OPTIMIZERS[cfg.optimizer]
+        make = OPTIMIZERS[cfg.optimizer]
         wd_d = float(cfg.weight_decay or 0.0) + float(self.constraint.weight_decay)
         wd_g = float(self.gen_constraint.weight_decay)
         self.opt_d = make(self.critic.parameters(), cfg.lr_d, cfg.beta1, cfg.beta2, wd_d)
@@ -150,7 +151,7 @@ class GANTrainer:
 
     def _build(self, kind: str) -> nn.Module:
         kw = self.gen_kwargs if kind == "generator" else self.critic_kwargs
-        if _builder_default(kind, self.cfg.model, "z_dim") is None:
+        if models.default_option(kind, self.cfg.model, "z_dim") is None:
             kw.pop("z_dim", None)
         return models.build(kind, self.cfg.model, **kw)
 

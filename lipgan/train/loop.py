@@ -12,8 +12,9 @@ import torch
 
 from lipgan import constraints as C
 from lipgan.errors import LipganError
-from lipgan.train.config import TrainConfig, resolve
+from lipgan.train.config import TrainConfig
 from lipgan.train.gan import GANTrainer
+from lipgan.train.presets import resolve
 from lipgan.train.rng import isolated_rng
 
 

@@ -45,4 +45,4 @@ def _rmsprop(params, lr, b1, b2, wd):
     return torch.optim.RMSprop(params, lr=lr, momentum=b1, alpha=b2, weight_decay=wd)
 
 
-_OPTIMIZERS = {"adam": _adam, "rmsprop": _rmsprop}
+OPTIMIZERS = {"adam": _adam, "rmsprop": _rmsprop}

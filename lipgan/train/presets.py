@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from lipgan import constraints as C
+from lipgan import models
+from lipgan.errors import LipganError
+from lipgan.train.config import TrainConfig
+from lipgan.train.device import resolve_precision
+from lipgan.train.losses import LOSSES, OPTIMIZERS
+
 #: Method presets. Every value fills a TrainConfig field the user left unset (flag or YAML).
 PRESETS: dict[str, dict[str, Any]] = {
     # Arjovsky, Chintala & Bottou (2017), Algorithm 1 and official main.py: RMSProp lr 5e-5
@@ -140,7 +147,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Values used for preset fields a preset does not mention.
-_PRESET_FALLBACK: dict[str, Any] = dict(
+PRESET_FALLBACK: dict[str, Any] = dict(
     model="dcgan28",
     generator_constraint="none",
     weight_decay=0.0,
@@ -148,3 +155,55 @@ _PRESET_FALLBACK: dict[str, Any] = dict(
     burnin_n_critic=100,
     burnin_every=0,
 )
+
+
+def methods() -> list[str]:
+    """Every method name a command accepts: the presets, then the constraint registry's names
+    (a registry name trains with WGAN-GP's setup, see :func:`preset_for`)."""
+    return [*PRESETS, *(n for n in C.available() if n not in PRESETS)]
+
+
+def preset_for(method: str) -> dict[str, Any]:
+    """The preset of a method name: ``PRESETS[method]``, or for a constraint-registry name
+    (``bjorck``, a user's registered constraint) the WGAN-GP setup with that constraint."""
+    if method in PRESETS:
+        return dict(PRESETS[method])
+    if method in C.available():
+        return {**PRESETS["wgan-gp"], "constraint": method}
+    raise LipganError(f"unknown method {method!r}; choose one of: {', '.join(methods())}")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill every ``None`` field from the method's preset and check the choices: the one place
+    a run's configuration is completed (the CLI, compare, study and resume all call it)."""
+    preset = {**PRESET_FALLBACK, **preset_for(cfg.method)}
+    options = {
+        key: (preset.pop(f"{key}_options", {}), getattr(cfg, key))
+        for key in ("constraint", "generator_constraint")
+    }
+    changes = {k: v for k, v in preset.items() if getattr(cfg, k) is None}
+    cfg = cfg.replace(**changes)
+    for key, (preset_options, user_choice) in options.items():
+        if not preset_options or user_choice is not None:
+            continue
+        # The preset's options go with the constraint it picks: only when this call fills the
+        # constraint in (a config read back from a run folder names its constraints and keeps
+        # its own options). The user's options win; a user's other `form` takes the
+        # constraint's own defaults for the rest (the preset's lam belongs to its form).
+        mine = getattr(cfg, f"{key}_options")
+        if "form" in mine and mine["form"] != preset_options.get("form"):
+            merged = dict(mine)
+        else:
+            merged = {**preset_options, **mine}
+        cfg = cfg.replace(**{f"{key}_options": merged})
+    if cfg.width is None:
+        cfg = cfg.replace(width=models.default_option("critic", cfg.model, "width"))
+    else:
+        models.default_option("critic", cfg.model, "width")  # an unknown model is refused here
+    if cfg.loss not in LOSSES:
+        raise LipganError(f"unknown loss {cfg.loss!r}; choose one of: {', '.join(LOSSES)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise LipganError(f"unknown optimizer {cfg.optimizer!r}; use {' or '.join(OPTIMIZERS)}")
+    if cfg.precision == "auto" or cfg.channels_last is None:
+        cfg = resolve_precision(cfg)
+    return cfg
