@@ -95,34 +95,6 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def _penalty_parts(constraint: C.Constraint) -> list[C.Constraint]:
-    return constraint.methods if isinstance(constraint, C.Compose) else [constraint]
-
-
-def _global_interpolate(orig: Callable, rows: slice, global_batch: int, fmt) -> Callable:
-    """Make a penalty's ``interpolate`` draw its weights for the whole global batch.
-
-    ``GradientPenalty.interpolate`` draws one ``a_i ~ U[0, 1]`` per row of its input from the
-    global torch RNG. Called on this rank's rows alone it would draw ``B / N`` values, not the
-    1-process ``B``: the weights would differ from one process's and the RNG would drift.
-    So the rank's rows are placed at their global positions in a ``B``-row batch (the others
-    zero and discarded), the original method runs on it (same draws as one process, same RNG
-    use on every rank), and the rank keeps its rows.
-    """
-
-    def interpolate(real: torch.Tensor, fake: torch.Tensor | None) -> torch.Tensor:
-        if fake is None or fake.shape != real.shape or real.shape[0] == global_batch:
-            return orig(real, fake)  # no draw, the method's own shape error, or one rank
-        big_r = real.new_zeros((global_batch, *real.shape[1:]))
-        big_f = real.new_zeros((global_batch, *real.shape[1:]))
-        big_r[rows] = real.detach()
-        big_f[rows] = fake.detach().to(real.dtype)
-        x = orig(big_r, big_f)[rows]
-        return x.contiguous(memory_format=fmt) if x.dim() == 4 else x.contiguous()
-
-    return interpolate
-
-
 def _broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -206,11 +178,9 @@ class DistributedTrainer(GANTrainer):
             self.g_forward = torch.compile(self.generator_ddp)
             if self._d_local is not self.critic:  # GANTrainer compiled it: no double backward
                 self.d_forward = torch.compile(self.critic_ddp)
-        for part in _penalty_parts(self.constraint):
-            if isinstance(part, C.GradientPenalty):
-                part.interpolate = _global_interpolate(
-                    part.interpolate, self.rows, cfg.batch_size, self.memory_format
-                )
+        # The penalty draws its per-sample numbers for the global batch from penalty_gen (the
+        # same stream on every rank) and keeps this rank's rows: those of one process.
+        self.shard = C.Shard(self.rows, cfg.batch_size)
 
     def close(self) -> None:
         """Drop the DDP wrappers; call it before ``destroy_process_group``.

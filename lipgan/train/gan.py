@@ -23,8 +23,6 @@ hyper-parameters. The step functions (:meth:`GANTrainer.critic_step`,
 from __future__ import annotations
 
 import contextlib
-import inspect
-import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -33,29 +31,17 @@ import torch
 from torch import nn
 
 from lipgan import constraints as C
-from lipgan import models
+from lipgan import lipschitz, models
 from lipgan.errors import LipganError
 from lipgan.train.config import TrainConfig
 from lipgan.train.device import resolve_device
 from lipgan.train.losses import LOSSES, OPTIMIZERS
 from lipgan.train.presets import resolve
-from lipgan.train.rng import _python_rng_state, _set_python_rng_state, isolated_rng
+from lipgan.train.rng import isolated_rng, rng_state, set_rng_state
 
-
-def _needs_double_backward(constraint: C.Constraint) -> bool:
-    """Whether the constraint's penalty differentiates through input gradients (no compile).
-
-    A constraint may say so with a ``double_backward`` attribute; otherwise any overridden
-    ``penalty`` counts, which is the safe answer.
-    """
-    parts = constraint.methods if isinstance(constraint, C.Compose) else [constraint]
-    for m in parts:
-        flag = getattr(m, "double_backward", None)
-        if flag is None:
-            flag = type(m).penalty is not C.Constraint.penalty
-        if flag:
-            return True
-    return False
+#: Version of the checkpoint layout GANTrainer.state_dict writes (1: before the constraint
+#: protocol had state_dict/spec; still read).
+STATE_FORMAT = 2
 
 
 class GANTrainer:
@@ -67,8 +53,8 @@ class GANTrainer:
     passes each rank its part of the global batch through ``train_step(next_real=...)`` from
     seeded indices, and keeps :class:`Session` (logging, checkpoints) on rank 0.
     RNG streams, each its own ``torch.Generator`` so that logging never shifts training:
-    ``data_gen`` (batch indices), ``noise_gen`` (z), ``measure_gen`` (measurements), plus the
-    global torch RNG that constraints use (interpolation weights).
+    ``data_gen`` (batch indices), ``noise_gen`` (z), ``penalty_gen`` (the constraint's draws,
+    e.g. interpolation weights), ``measure_gen`` (measurements).
     """
 
     def __init__(
@@ -94,6 +80,9 @@ class GANTrainer:
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1)
         self.measure_gen = torch.Generator(self.device).manual_seed(cfg.seed + 2)
+        self.penalty_gen = torch.Generator(self.device).manual_seed(cfg.seed + 4)
+        #: where the penalty's batch sits in the global batch (set by data-parallel trainers)
+        self.shard: C.Shard | None = None
 
         self.gen_kwargs = {"width": cfg.width, "z_dim": cfg.z_dim}
         self.critic_kwargs = {"width": cfg.width}
@@ -109,6 +98,11 @@ class GANTrainer:
         self.gen_constraint = C.get(
             cfg.generator_constraint or "none", **(cfg.generator_constraint_options or {})
         )
+        # Both methods must be recordable (rebuilt by name on resume) before any step is taken.
+        self.specs = {
+            "constraint": C.checked_spec(self.constraint),
+            "generator_constraint": C.checked_spec(self.gen_constraint),
+        }
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.generator = self.gen_constraint.attach(self.generator)
         self.generator = self.generator.to(self.device, memory_format=fmt)
@@ -132,7 +126,8 @@ class GANTrainer:
         self.step = 0  # generator steps done
         self.critic_steps = 0
 
-        # Forward functions: compiled where correct (never through a double backward).
+        # Forward functions: compiled where correct (a critic whose penalty takes input
+        # gradients never is: torch.compile does not differentiate twice).
         self.g_forward: Callable = self.generator
         self.d_forward: Callable = self.critic
         # What the penalty differentiates through: never a compiled module (double backward);
@@ -140,8 +135,10 @@ class GANTrainer:
         self.penalty_critic: nn.Module = self.critic
         if cfg.compile:
             self.g_forward = torch.compile(self.generator)
-            if not _needs_double_backward(self.constraint):
+            if not self.constraint.needs_input_grad:
                 self.d_forward = torch.compile(self.critic)
+        #: an average of the generator's weights, updated after each generator step (None: off)
+        self.ema = None
 
         self.batches = None
         if images is not None:
@@ -198,7 +195,9 @@ class GANTrainer:
             scores = self.d_forward(torch.cat([real, fake])).float()
             s_real, s_fake = scores[:b], scores[b:]
             loss = self.loss.critic(s_real, s_fake)
-            pen = self.constraint.penalty(self.penalty_critic, real, fake)
+            pen = self.constraint.penalty(
+                self.penalty_critic, real, fake, generator=self.penalty_gen, shard=self.shard
+            )
         total = loss if pen is None else loss + pen.float()
         total.backward()
         self.opt_d.step()
@@ -225,6 +224,8 @@ class GANTrainer:
             self.critic.requires_grad_(True)
         self.opt_g.step()
         self.gen_constraint.after_step(self.generator)
+        if self.ema is not None:
+            self.ema.update(self.generator)
         return {"loss_g": loss.detach()}
 
     def train_step(self, next_real: Callable[[int], torch.Tensor] | None = None) -> dict:
@@ -295,41 +296,22 @@ class GANTrainer:
             self.critic.train(was)
 
     @isolated_rng()
-    def layer_norms(self) -> tuple[list[tuple[str, Any, Any]], float | None]:
-        """Per-layer operator norms and the product bound from :mod:`lipgan.lipschitz`, if present.
+    def layer_norms(self) -> tuple[list[tuple[str, float | None, float | None]], float]:
+        """Per-layer operator norms and the product bound (:func:`lipgan.lipschitz.upper_bounds`).
 
-        ``product_bound = prod_l ||A_l||_2`` (activations 1-Lipschitz), the certified upper bound
+        ``product_bound = prod_l ||A_l||_2`` (activations 1-Lipschitz), a certified upper bound
         of the critic's Lipschitz constant. Returns ``([(layer, operator_norm, reshaped_norm),
-        ...], product_bound)``; empty when the module is missing or cannot handle this critic.
+        ...], product_bound)``. A critic the analysis cannot bound raises its LipganError.
         """
-        try:
-            from lipgan import lipschitz
-        except ImportError:
-            return [], None
         was = self.critic.training
         self.critic.eval()
         shape = tuple(self.last_real.shape[1:]) if hasattr(self, "last_real") else (1, 28, 28)
         try:
-            bound = None
-            if hasattr(lipschitz, "upper_bounds"):
-                upper, table = lipschitz.upper_bounds(
-                    self.critic, shape, lipsdp=False, dense_limit=0
-                )
-                bound = _product_bound(upper)
-            elif hasattr(lipschitz, "layer_table"):
-                table = _call_flexible(lipschitz.layer_table, self.critic, shape)
-            else:
-                return [], None
-            rows = [_layer_row(r) for r in (table or [])]
-            rows = [r for r in rows if r[1] is not None or r[2] is not None]
-            if bound is None and rows and all(r[1] is not None for r in rows):
-                bound = math.prod(float(r[1]) for r in rows)
-            return rows, bound
-        except Exception as exc:  # an analysis failure must not stop training
-            self.analysis_error = f"{type(exc).__name__}: {exc}"
-            return [], None
+            upper, table = lipschitz.upper_bounds(self.critic, shape, lipsdp=False, dense_limit=0)
         finally:
             self.critic.train(was)
+        rows = [(r["name"], r["operator"], r["reshaped"]) for r in table]
+        return [r for r in rows if r[1] is not None or r[2] is not None], upper["operator_product"]
 
     # ---------------------------------------------------------------- state
     def set_lr_scale(self, scale: float) -> None:
@@ -338,53 +320,53 @@ class GANTrainer:
             for group in opt.param_groups:
                 group["lr"] = lr * self.lr_scale
 
+    def streams(self) -> dict[str, torch.Generator]:
+        """The run's own RNG streams by name (their states go into the checkpoint)."""
+        return {
+            "data": self.data_gen,
+            "noise": self.noise_gen,
+            "measure": self.measure_gen,
+            "penalty": self.penalty_gen,
+        }
+
+    def models(self) -> dict:
+        """What the checkpoint says it holds: architectures and the two constraints' specs."""
+        return {
+            "generator": {"name": self.cfg.model, "kwargs": dict(self.gen_kwargs)},
+            "critic": {"name": self.cfg.model, "kwargs": dict(self.critic_kwargs)},
+            **self.specs,
+        }
+
     def state_dict(self) -> dict:
-        """Everything needed to continue bit for bit: weights, optimizers, counters, RNG states.
+        """Everything needed to continue bit for bit: weights, optimizers, counters, RNG states,
+        and what each constraint keeps outside the modules (``Constraint.state_dict``).
 
         Only tensors, numbers, strings, lists and dicts, so ``weights_only=True`` loads it.
         """
-        rng = {
-            "torch": torch.get_rng_state(),
-            "data": self.data_gen.get_state(),
-            "noise": self.noise_gen.get_state(),
-            "measure": self.measure_gen.get_state(),
-            "python": _python_rng_state(),
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        try:
-            import numpy as np
-
-            st = np.random.get_state()
-            rng["numpy"] = [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]
-        except ImportError:  # pragma: no cover
-            pass
-        return {
+        state = {
+            "state_format": STATE_FORMAT,
             "step": self.step,
             "critic_steps": self.critic_steps,
             "lr_scale": self.lr_scale,
-            "models": {
-                "generator": {"name": self.cfg.model, "kwargs": dict(self.gen_kwargs)},
-                "critic": {"name": self.cfg.model, "kwargs": dict(self.critic_kwargs)},
-                "constraint": str(self.cfg.constraint),
-                "generator_constraint": str(self.cfg.generator_constraint),
-            },
+            "models": self.models(),
             "generator": self.generator.state_dict(),
             "critic": self.critic.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
-            "rng": rng,
+            "rng": rng_state(self.streams()),
             "extra": {
-                "critic": _hidden_state(self.critic, self.constraint),
-                "generator": _hidden_state(self.generator, self.gen_constraint),
+                "critic": self.constraint.state_dict(self.critic),
+                "generator": self.gen_constraint.state_dict(self.generator),
             },
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def check_compatible(self, state: dict, source: str = "checkpoint") -> None:
         """LipganError when ``state`` belongs to another architecture or method."""
-        mine = self.state_dict()["models"]
-        theirs = state.get("models")
-        if theirs != mine:
+        mine, theirs = self.models(), state.get("models")
+        if not _same_models(theirs, mine):
             raise LipganError(
                 f"{source} is of another model: it holds {_describe(theirs)}, this run trains "
                 f"{_describe(mine)}; resume it with its own run folder's config"
@@ -400,143 +382,64 @@ class GANTrainer:
                 mod.load_state_dict(state[key], strict=True)
             self.opt_g.load_state_dict(state["opt_g"])
             self.opt_d.load_state_dict(state["opt_d"])
+            if self.ema is not None and "ema" in state:
+                self.ema.load_state_dict(state["ema"])
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise LipganError(f"{source} does not fit this run's networks: {first}") from None
         extra = state.get("extra", {})
-        _set_hidden_state(self.critic, self.constraint, extra.get("critic"))
-        _set_hidden_state(self.generator, self.gen_constraint, extra.get("generator"))
+        if state.get("state_format", 1) < 2:
+            extra = {k: _v1_extra(v, c) for k, v, c in (
+                ("critic", extra.get("critic"), self.constraint),
+                ("generator", extra.get("generator"), self.gen_constraint),
+            )}  # fmt: skip
+        self.constraint.load_state_dict(self.critic, extra.get("critic") or {})
+        self.gen_constraint.load_state_dict(self.generator, extra.get("generator") or {})
         self.step = int(state["step"])
         self.critic_steps = int(state["critic_steps"])
         self.set_lr_scale(float(state.get("lr_scale", 1.0)))
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.data_gen.set_state(rng["data"])
-        self.noise_gen.set_state(rng["noise"])
-        self.measure_gen.set_state(rng["measure"])
-        _set_python_rng_state(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if "numpy" in rng:
-            import numpy as np
-
-            s = rng["numpy"]
-            np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+        set_rng_state(state["rng"], self.streams())
 
 
-def _weight_layers(module: nn.Module) -> list[nn.Module]:
-    try:
-        from lipgan.layers import weight_layers
-    except ImportError:  # pragma: no cover
-        return [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    return weight_layers(module)
+def _same_models(theirs: Any, mine: dict) -> bool:
+    """Whether a checkpoint's ``models`` describe this trainer's; a format-1 checkpoint names
+    each constraint by its registry name (or comma-separated names) instead of a spec."""
+    if not isinstance(theirs, dict):
+        return False
+    theirs = dict(theirs)
+    for key in ("constraint", "generator_constraint"):
+        if isinstance(theirs.get(key), str):
+            theirs[key] = _spec_names(theirs[key])
+            mine = {**mine, key: _spec_names(mine[key])}
+    return theirs == mine
 
 
-def _hidden_state(module: nn.Module, constraint: C.Constraint) -> dict:
-    """State outside ``state_dict()`` that changes the arithmetic after a resume.
-
-    - Power-iteration parametrizations remember whether their next training forward must iterate
-      (``_stale``); a fresh one always iterates, which would add one iteration after a resume.
-    - A constraint may keep per-layer state in itself (the spectral-norm regularizer's u, v):
-      saved through its own ``state_dict()`` when it has one, else through a kept-power-iteration
-      ``_power._state`` mapping, by layer position.
-    """
-    from torch.nn.utils import parametrize
-
-    stale = []
-    for layer in module.modules():
-        if parametrize.is_parametrized(layer):
-            for plist in layer.parametrizations.values():
-                for p in plist:
-                    if hasattr(p, "_stale"):
-                        stale.append(bool(p._stale))
-    out: dict[str, Any] = {"stale": stale}
-    parts = constraint.methods if isinstance(constraint, C.Compose) else [constraint]
-    cons = []
-    for c in parts:
-        if hasattr(c, "state_dict") and callable(c.state_dict):
-            cons.append({"own": c.state_dict()})
-            continue
-        kept = getattr(getattr(c, "_power", None), "_state", None)
-        if kept is not None:
-            layers = _weight_layers(module)
-            cons.append({"power": [list(kept[m]) if m in kept else [] for m in layers]})
-        else:
-            cons.append({})
-    out["constraints"] = cons
-    return out
+def _spec_names(spec: dict | str | None) -> str:
+    if not isinstance(spec, (dict, str)):
+        return str(spec)
+    if isinstance(spec, str):
+        return ",".join(n.strip() for n in spec.split(",")) if spec != "None" else "none"
+    if spec["name"] == "compose":
+        return ",".join(_spec_names(m) for m in spec["options"]["methods"])
+    return spec["name"]
 
 
-def _set_hidden_state(module: nn.Module, constraint: C.Constraint, saved: dict | None) -> None:
-    from torch.nn.utils import parametrize
-
+def _v1_extra(saved: dict | None, constraint: C.Constraint) -> dict:
+    """A format-1 checkpoint's hidden state (``{"stale": [...], "constraints": [per method]}``)
+    in the layout of ``constraint.state_dict``."""
     if not saved:
-        return
-    flags = iter(saved.get("stale", []))
-    for layer in module.modules():
-        if parametrize.is_parametrized(layer):
-            for plist in layer.parametrizations.values():
-                for p in plist:
-                    if hasattr(p, "_stale"):
-                        p._stale = next(flags, True)
-                        if hasattr(p, "_seen_version"):
-                            # the weights were just copied in: their new version is "seen"
-                            p._seen_version = plist.original._version
-    parts = constraint.methods if isinstance(constraint, C.Compose) else [constraint]
-    for c, s in zip(parts, saved.get("constraints", [])):
-        if "own" in s and hasattr(c, "load_state_dict"):
-            c.load_state_dict(s["own"])
-        elif "power" in s and getattr(getattr(c, "_power", None), "_state", None) is not None:
-            kept = c._power._state
-            for layer, uv in zip(_weight_layers(module), s["power"]):
-                if uv:
-                    kept[layer] = tuple(t.to(layer.weight.device) for t in uv)
+        return {}
+    stale = {"stale": saved.get("stale", [])}
+    parts = [{**stale, **p.get("own", {}), **p} for p in saved.get("constraints", [])]
+    for p in parts:
+        p.pop("own", None)
+    if isinstance(constraint, C.Compose):
+        return {"methods": parts or [stale] * len(constraint.methods)}
+    return parts[0] if parts else stale
 
 
 def _describe(m: dict | None) -> str:
     if not isinstance(m, dict):
         return "an unknown model"
     g = m.get("critic", {})
-    return f"{g.get('name')} {g.get('kwargs')} with constraint {m.get('constraint')}"
-
-
-
-def _call_flexible(fn: Callable, module: nn.Module, input_shape: tuple[int, ...]):
-    """Call ``fn(module, ...)`` passing an input shape under whichever name it accepts."""
-    params = inspect.signature(fn).parameters
-    for name in ("input_shape", "in_shape", "shape"):
-        if name in params:
-            return fn(module, **{name: input_shape})
-    return fn(module)
-
-
-def _layer_row(r: Any) -> tuple[str, Any, Any]:
-    if isinstance(r, dict):
-        name = r.get("layer", r.get("name", "?"))
-        op = r.get("operator_norm", r.get("operator"))
-        reshaped = r.get("reshaped_norm", r.get("reshaped"))
-        return str(name), _num(op), _num(reshaped)
-    name = getattr(r, "layer", getattr(r, "name", "?"))
-    op = getattr(r, "operator_norm", None)
-    reshaped = getattr(r, "reshaped_norm", None)
-    return str(name), _num(op), _num(reshaped)
-
-
-def _num(x: Any) -> float | None:
-    try:
-        return None if x is None else float(x)
-    except (TypeError, ValueError):
-        return None
-
-
-def _product_bound(est: Any) -> float | None:
-    if isinstance(est, (int, float)):
-        return float(est)
-    if isinstance(est, dict):
-        for key in ("operator_product", "product_bound", "product"):
-            if key in est and _num(est[key]) is not None:
-                return _num(est[key])
-    for key in ("product_bound", "product", "upper"):
-        if _num(getattr(est, key, None)) is not None:
-            return _num(getattr(est, key))
-    return None
+    return f"{g.get('name')} {g.get('kwargs')} with constraint {_spec_names(m.get('constraint'))}"

@@ -1,104 +1,42 @@
-"""The run loop: a trainer, its run folder, logs, samples and checkpoints."""
+"""The run loop: a :class:`GANTrainer` inside its run folder.
+
+:class:`Session` opens (or reopens) the folder, then :meth:`Session.run` calls the trainer's
+``train_step`` and, after each step, small hooks, each for one concern and each only when its
+interval is due: the metrics row (losses, gradient norms, layer norms, FID), the sample grid, the
+checkpoint with the exports, and the progress bar. A non-finite loss stops the run or rolls it
+back. SIGINT and SIGTERM let the step in progress finish, write a checkpoint and mark the run
+resumable (status ``failed``, reason ``interrupted``) before the loop stops.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from lipgan import constraints as C
+from lipgan import data, metrics, runs
 from lipgan.errors import LipganError
 from lipgan.train.config import TrainConfig
 from lipgan.train.gan import GANTrainer
 from lipgan.train.presets import resolve
 from lipgan.train.rng import isolated_rng
 
-
-class Progress:
-    """A one-line progress bar on stderr: step, rate, Wasserstein estimate, ETA.
-
-    On a terminal it redraws in place at most 5 times a second; otherwise (log files) it prints a
-    line every 5% of the run.
-    """
-
-    def __init__(
-        self,
-        total: int,
-        start: int = 0,
-        enabled: bool = True,
-        stream=None,
-        time_limit: float = 0.0,
-        wall0: float = 0.0,
-    ) -> None:
-        self.total, self.start = total, start
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = time.perf_counter()
-        self.last_draw = 0.0
-        self.time_limit, self.wall0 = float(time_limit or 0.0), float(wall0)
-        self.bucket = -1  # last twentieth of the run printed (log files)
-
-    def fraction(self, step: int, now: float) -> float:
-        """How far the run is: by steps, or by wall time when a time limit comes first."""
-        f = step / max(self.total, 1)
-        if self.time_limit:
-            f = max(f, (self.wall0 + now - self.t0) / self.time_limit)
-        return min(f, 1.0)
-
-    def update(self, step: int, w: float | None, end: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        end = end or step >= self.total
-        if self.tty and now - self.last_draw < 0.2 and not end:
-            return
-        frac = self.fraction(step, now)
-        bucket = int(20 * frac)
-        if not self.tty and bucket <= self.bucket and not end:
-            return
-        self.bucket = bucket
-        self.last_draw = now
-        done = step - self.start
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        if self.time_limit:
-            eta = min(eta, max(self.time_limit - self.wall0 - (now - self.t0), 0.0))
-        width = 24
-        filled = int(width * frac)
-        bar = "#" * filled + "." * (width - filled)
-        wtxt = "" if w is None else f"  W {w:+.4f}"
-        if self.time_limit:
-            spent = self.wall0 + now - self.t0
-            where = f"step {step}, {spent:.0f}/{self.time_limit:.0f} s"
-        else:
-            where = f"{step}/{self.total}"
-        line = (
-            f"[{bar}] {where}  {rate:.2f} it/s{wtxt}  "
-            f"ETA {_hms(eta) if math.isfinite(eta) else '?'}"
-        )
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _hms(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-# --------------------------------------------------------------------------- the run
+#: Fields a resumed run keeps: changing one would make it another run (or relabel it).
+IDENTITY_FIELDS = (
+    "method", "model", "width", "z_dim", "dataset", "seed", "constraint", "constraint_options",
+    "generator_constraint", "generator_constraint_options", "loss", "optimizer",
+)  # fmt: skip
 
 
 class TimeLimitReached(LipganError):
@@ -114,21 +52,29 @@ def default_out(cfg: TrainConfig) -> str:
     return str(Path("runs") / f"{cfg.method}-{cfg.model}-{stamp}")
 
 
-@isolated_rng()
-def _fid(trainer: GANTrainer, cfg: TrainConfig) -> float | None:
+def with_constraint(cfg: TrainConfig, constraint: C.Constraint | None) -> TrainConfig:
+    """``cfg`` naming ``constraint`` (a user's object) by its spec, so config.yaml records the
+    method that trains and a resume rebuilds it; unrecordable objects are a LipganError."""
+    if constraint is None:
+        return cfg
+    spec = C.checked_spec(constraint)
+    return cfg.replace(constraint=spec["name"], constraint_options=dict(spec["options"]))
+
+
+def check_resume(cfg: TrainConfig, stored: dict, path: Path) -> None:
+    """LipganError when ``cfg`` would change what the run in ``path`` (its config ``stored``)
+    is: its method, architecture, data, seed or constraints, or its folder."""
     try:
-        from lipgan import metrics
-    except ImportError:
-        return None
-    if not (hasattr(metrics, "available") and hasattr(metrics, "fid")):
-        return None
-    try:
-        if not metrics.available(cfg.dataset):
-            return None
-        z = trainer.sample_z(cfg.fid_n, trainer.measure_gen)
-        return float(metrics.fid(trainer.sample(z).cpu(), dataset=cfg.dataset, n=cfg.fid_n))
-    except LipganError:
-        return None
+        before = resolve(TrainConfig.from_dict({**stored, "out": str(path)}))
+    except LipganError as exc:
+        raise LipganError(f"{path}/config.yaml: {exc}") from None
+    for name in IDENTITY_FIELDS:
+        old, new = getattr(before, name), getattr(cfg, name)
+        if old != new:
+            raise LipganError(
+                f"{path} was trained with {name} {old!r}, not {new!r}; a resumed run keeps it "
+                "(start a new run with another --out to change it)"
+            )
 
 
 def train(
@@ -151,29 +97,6 @@ def train(
     return session.finish()
 
 
-@isolated_rng()
-def _checkpoint(trainer: GANTrainer, run, cfg: TrainConfig, wall_s: float, keep: bool) -> None:
-    from lipgan import runs
-
-    state = trainer.state_dict()
-    state["wall_s"] = wall_s
-    state["config"] = cfg.to_dict()
-    runs.save_checkpoint(run.last_checkpoint, state)
-    if keep:
-        runs.save_checkpoint(run.checkpoint_path(trainer.step), state)
-    g_kw = {k: v for k, v in trainer.gen_kwargs.items()}
-    runs.export_network(
-        trainer.generator, run.path / "generator.safetensors", "generator", cfg.model, g_kw
-    )
-    runs.export_network(
-        trainer.critic,
-        run.path / "critic.safetensors",
-        "critic",
-        cfg.model,
-        dict(trainer.critic_kwargs),
-    )
-
-
 def _params_finite(trainer: GANTrainer) -> bool:
     return all(
         bool(torch.isfinite(p).all())
@@ -188,6 +111,7 @@ class Session:
     ``Session(cfg)`` opens (or, with ``resume``, reopens) the run folder; ``run(until)`` trains to
     generator step ``until`` (default ``cfg.steps``) doing the logging, samples and checkpoints the
     config asks for; ``finish()`` marks the run done. Benchmarks call ``run`` in slices.
+    Everything is checked (config, checkpoint, resume overrides) before the folder is touched.
     """
 
     def __init__(
@@ -199,21 +123,18 @@ class Session:
         stream=None,
         images: torch.Tensor | None = None,
     ) -> None:
-        from lipgan import data, runs
-
-        cfg = resolve(cfg)
+        cfg = with_constraint(resolve(cfg), constraint)
         if not cfg.out:
             cfg = cfg.replace(out=default_out(cfg))
         run = runs.Run(cfg.out)
         state = None
-        fresh_in_place = False
         if resume:
+            if not run.config_path.is_file() and not run.last_checkpoint.is_file():
+                raise LipganError(f"{run.path}: no checkpoints/last.pt to resume from")
+            if run.config_path.is_file():
+                check_resume(cfg, run.read_config(), run.path)
             if run.last_checkpoint.is_file():
                 state = runs.load_checkpoint(run.last_checkpoint)
-            elif run.config_path.is_file():
-                fresh_in_place = True  # stopped before its first checkpoint: nothing to keep
-            else:
-                raise LipganError(f"{run.path}: no checkpoints/last.pt to resume from")
         elif run.exists():
             raise LipganError(
                 f"{run.path} already holds a run; continue it with `lipgan train --resume "
@@ -225,53 +146,49 @@ class Session:
         wall0 = 0.0
         if state is not None:
             trainer.load_state_dict(state, source=str(run.last_checkpoint))
-            used = float(state.get("wall_s", 0.0))
-            if cfg.max_time_s and used >= cfg.max_time_s:
+            wall0 = float(state.get("wall_s", 0.0))
+            if cfg.steps < trainer.step:
+                raise LipganError(
+                    f"{run.path} is already at generator step {trainer.step}; --steps "
+                    f"{cfg.steps} would end before it (pass --steps {trainer.step} or more)"
+                )
+            if cfg.max_time_s and wall0 >= cfg.max_time_s:
                 raise TimeLimitReached(
-                    f"{run.path} has used its time limit ({used:.0f} s of max_time_s "
+                    f"{run.path} has used its time limit ({wall0:.0f} s of max_time_s "
                     f"{cfg.max_time_s:g}); resume with a larger --max-time-s, or --max-time-s 0 "
                     "to train to --steps"
                 )
-            # Everything checked: only now touch the folder.
+        # Everything checked: only now touch the folder.
+        if resume:
             run.write_config(cfg.to_dict())
             run.truncate_logs(trainer.step)
-            run.remove_partials()
-            wall0 = float(state.get("wall_s", 0.0))
-        elif fresh_in_place:
-            run.write_config(cfg.to_dict())
-            run.truncate_logs(0)
             run.remove_partials()
         else:
             run.create(cfg.to_dict())
         self.cfg, self.run_dir, self.trainer, self.stream = cfg, run, trainer, stream
-
         self.tb = None
         if cfg.tensorboard:
-            try:
-                # After a resume, drop events the interrupted segment wrote past its checkpoint.
-                self.tb = run.tensorboard(
-                    purge_step=trainer.step + 1 if run.metrics_path.is_file() else None
-                )
-            except ImportError:
-                self.tb = None
+            # After a resume, drop events the interrupted segment wrote past its checkpoint.
+            self.tb = run.tensorboard(
+                purge_step=trainer.step + 1 if run.metrics_path.is_file() else None
+            )
         self.fixed_z = torch.randn(
             cfg.n_samples, trainer.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 3)
         ).to(trainer.device)
-        self.progress = Progress(
-            cfg.steps,
-            trainer.step,
-            enabled=not cfg.quiet,
-            stream=stream,
-            time_limit=cfg.max_time_s,
-            wall0=wall0,
-        )
+        self.progress = tqdm(
+            total=cfg.steps, initial=trainer.step, disable=cfg.quiet, file=stream or sys.stderr,
+            unit="step", dynamic_ncols=True, mininterval=0.5,
+        )  # fmt: skip
         self.t_start = time.perf_counter()
         self.wall0 = wall0  # wall time of earlier segments (resume)
         self.ended = False  # the last step was the run's end (steps reached or time limit)
         if trainer.step == 0:
-            _checkpoint(trainer, run, cfg, 0.0, keep=False)  # rollback target before any step
+            self._checkpoint(keep=False)  # rollback target before any step
         self.last_good = trainer.step
         self.rollbacks = 0
+        self.layer_error: str | None = None  # why the layer analysis is off for this run
+        self.fid_error: str | None = None  # why FID is off for this run
+        self.signal: int | None = None  # SIGINT/SIGTERM received: stop after this step
         run.write_status("running", trainer.step, cfg.steps, self.wall())
         self.w_ema: float | None = None
         self.t_log, self.step_log = time.perf_counter(), trainer.step
@@ -287,106 +204,183 @@ class Session:
         """Train to generator step ``until`` (at most ``cfg.steps``)."""
         until = self.cfg.steps if until is None else min(until, self.cfg.steps)
         try:
-            while self.trainer.step < until and not self.ended:
-                out = self.trainer.train_step()
-                self._after_step(out)
+            with self._signals():
+                while self.trainer.step < until and not self.ended:
+                    self._after_step(self.trainer.train_step())
+                    if self.signal is not None:
+                        self._stop_on_signal()
         except KeyboardInterrupt:
-            self.run_dir.write_status(
-                "failed", self.trainer.step, self.cfg.steps, self.wall(), "interrupted"
-            )
+            self._status("failed", "interrupted")
             raise
 
+    # ---------------------------------------------------------------- after each step
     def _after_step(self, out: dict) -> None:
-        from lipgan import runs
-
-        cfg, trainer, run = self.cfg, self.trainer, self.run_dir
-        step = trainer.step
+        cfg, step = self.cfg, self.trainer.step
         vals = torch.stack([out["wasserstein"], out["loss_d"], out["penalty"], out["loss_g"]])
-        w, loss_d, pen, loss_g = vals.tolist()  # one sync per generator step
-        if not all(math.isfinite(v) for v in (w, loss_d, pen, loss_g)):
-            ckpt = run.last_checkpoint
-            if cfg.on_nan == "rollback" and self.rollbacks < cfg.max_rollbacks:
-                self.rollbacks += 1
-                state = runs.load_checkpoint(ckpt)
-                scale = float(state.get("lr_scale", 1.0)) * cfg.nan_lr_factor
-                trainer.load_state_dict(state, source=str(ckpt))
-                trainer.set_lr_scale(scale)
-                run.truncate_logs(trainer.step)
-                _say(
-                    cfg,
-                    self.stream,
-                    f"non-finite loss at generator step {step}; rolled back to step "
-                    f"{trainer.step} ({ckpt}) with learning rates x{scale:g}",
-                )
-                return
-            reason = (
-                f"non-finite loss at generator step {step} (W {w}, loss_d {loss_d}, "
-                f"loss_g {loss_g}); last good checkpoint: {ckpt} (step {self.last_good}). "
-                "Resume with --on-nan rollback or lower learning rates"
-            )
-            run.write_status("failed", step, cfg.steps, self.wall(), reason)
-            raise NonFiniteLoss(reason)
+        losses = dict(zip(("wasserstein", "loss_d", "penalty", "loss_g"), vals.tolist()))
+        if not all(math.isfinite(v) for v in losses.values()):
+            self._non_finite(step, losses)
+            return
+        w = losses["wasserstein"]
         self.w_ema = w if self.w_ema is None else 0.9 * self.w_ema + 0.1 * w
         end = step >= cfg.steps or bool(cfg.max_time_s and self.wall() >= cfg.max_time_s)
         self.ended = end
 
         def due(every: int) -> bool:
-            return bool(every) and step % every == 0
+            return bool(every) and (step % every == 0 or end)
 
         row: dict[str, Any] = {}
-        if cfg.log_every and (due(cfg.log_every) or end):
-            now = time.perf_counter()
-            row.update(
-                step=step,
-                time_s=round(self.wall(), 3),
-                wasserstein=w,
-                loss_d=loss_d,
-                loss_g=loss_g,
-                penalty=pen,
-                ms_per_step=round(1000 * (now - self.t_log) / max(step - self.step_log, 1), 2),
-            )
-            self.t_log, self.step_log = now, step
-            gn = trainer.constraint.last_grad_norm
-            if gn is not None:  # reuse the penalty's own gradients at the interpolates
-                gn = gn.detach().float()
-                row.update(gnorm_interp_mean=gn.mean().item(), gnorm_interp_max=gn.max().item())
-        if cfg.lip_every and (due(cfg.lip_every) or end):
-            which = ["real", "fake"]
-            if "gnorm_interp_mean" not in row:
-                which.append("interp")
-            norms = trainer.gradient_norms(trainer.last_real, tuple(which))
-            row.setdefault("step", step)
-            for k, v in norms.items():
-                row[f"gnorm_{k}_mean"] = v.mean().item()
-                row[f"gnorm_{k}_max"] = v.max().item()
-        if cfg.layer_every and (due(cfg.layer_every) or end):
-            layers, bound = trainer.layer_norms()
-            if layers:
-                run.log_layer_norms(step, layers)
-            if bound is not None:
-                row.setdefault("step", step)
-                row["product_bound"] = bound
+        if due(cfg.log_every):
+            self._log_losses(step, losses, row)
+        if due(cfg.lip_every):
+            self._log_gradient_norms(row)
+        if due(cfg.layer_every):
+            self._log_layer_norms(step, row)
         if cfg.fid_every >= 0 and (due(cfg.fid_every) or end):
-            fid = _fid(trainer, cfg)
-            if fid is not None:
-                row.setdefault("step", step)
-                row["fid"] = fid
+            self._log_fid(row)
         if row:
-            row.setdefault("time_s", round(self.wall(), 3))
-            run.log_metrics(row)
-            if self.tb is not None:
-                for k, v in row.items():
-                    if k != "step" and v is not None:
-                        self.tb.add_scalar(k, v, step)
+            self._write_row(step, row)
         if due(cfg.sample_every) or end:
-            run.save_samples(step, trainer.sample(self.fixed_z))
-        keep = due(cfg.keep_every)
+            self.run_dir.save_samples(step, self.trainer.sample(self.fixed_z))
+        keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
         if due(cfg.checkpoint_every) or keep or end:
-            if _params_finite(trainer):
-                _checkpoint(trainer, run, cfg, self.wall(), keep=keep)
+            if _params_finite(self.trainer):
+                self._checkpoint(keep=keep)
                 self.last_good = step
-            run.write_status("running", step, cfg.steps, self.wall())
-        self.progress.update(step, self.w_ema, end=end)
+            self._status("running")
+        self.progress.set_postfix_str(f"W {self.w_ema:+.4f}", refresh=False)
+        self.progress.update(step - self.progress.n)
+
+    def _log_losses(self, step: int, losses: dict[str, float], row: dict) -> None:
+        now = time.perf_counter()
+        ms = 1000 * (now - self.t_log) / max(step - self.step_log, 1)
+        row.update(step=step, time_s=round(self.wall(), 3), **losses, ms_per_step=round(ms, 2))
+        self.t_log, self.step_log = now, step
+        gn = self.trainer.constraint.last_grad_norm
+        if gn is not None:  # reuse the penalty's own gradients at the interpolates
+            gn = gn.detach().float()
+            row.update(gnorm_interp_mean=gn.mean().item(), gnorm_interp_max=gn.max().item())
+
+    def _log_gradient_norms(self, row: dict) -> None:
+        which = ("real", "fake") if "gnorm_interp_mean" in row else ("real", "fake", "interp")
+        for k, v in self.trainer.gradient_norms(self.trainer.last_real, which).items():
+            row[f"gnorm_{k}_mean"] = v.mean().item()
+            row[f"gnorm_{k}_max"] = v.max().item()
+
+    def _log_layer_norms(self, step: int, row: dict) -> None:
+        if self.layer_error is not None:
+            return
+        try:
+            layers, bound = self.trainer.layer_norms()
+        except LipganError as exc:
+            # The analysis refuses some critics (attention): say so once, train on without it.
+            self.layer_error = str(exc)
+            self._say(f"no layer norms or product bound for this critic: {exc}")
+            return
+        if layers:
+            self.run_dir.log_layer_norms(step, layers)
+        row["product_bound"] = bound
+
+    @isolated_rng()
+    def _log_fid(self, row: dict) -> None:
+        cfg, trainer = self.cfg, self.trainer
+        if self.fid_error is not None or not metrics.available(cfg.dataset):
+            return
+        z = trainer.sample_z(cfg.fid_n, trainer.measure_gen)
+        try:
+            row["fid"] = metrics.fid(trainer.sample(z).cpu(), dataset=cfg.dataset, n=cfg.fid_n)
+        except LipganError as exc:  # e.g. more samples asked for than the reference set has
+            self.fid_error = str(exc)
+            self._say(f"no FID for this run: {exc}")
+
+    def _write_row(self, step: int, row: dict) -> None:
+        row = {"step": step, **row}
+        row.setdefault("time_s", round(self.wall(), 3))
+        self.run_dir.log_metrics(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None:
+                    self.tb.add_scalar(k, v, step)
+
+    @isolated_rng()
+    def _checkpoint(self, keep: bool) -> None:
+        """The exports, then ``last.pt`` (which names the step they are of): a kill between the
+        two leaves an older checkpoint, which a resume rewrites the exports from."""
+        trainer, run, cfg = self.trainer, self.run_dir, self.cfg
+        for kind, net, kwargs in (
+            ("generator", trainer.generator, trainer.gen_kwargs),
+            ("critic", trainer.critic, trainer.critic_kwargs),
+        ):
+            path = run.path / f"{kind}.safetensors"
+            runs.export_network(net, path, kind, cfg.model, dict(kwargs))
+        state = trainer.state_dict()
+        state["wall_s"] = self.wall()
+        state["config"] = cfg.to_dict()
+        runs.save_checkpoint(run.last_checkpoint, state)
+        if keep:
+            runs.save_checkpoint(run.checkpoint_path(trainer.step), state)
+
+    def _non_finite(self, step: int, losses: dict[str, float]) -> None:
+        """Roll back to the last checkpoint with lower learning rates, or stop the run."""
+        cfg, trainer, ckpt = self.cfg, self.trainer, self.run_dir.last_checkpoint
+        if cfg.on_nan == "rollback" and self.rollbacks < cfg.max_rollbacks:
+            self.rollbacks += 1
+            state = runs.load_checkpoint(ckpt)
+            scale = float(state.get("lr_scale", 1.0)) * cfg.nan_lr_factor
+            trainer.load_state_dict(state, source=str(ckpt))
+            trainer.set_lr_scale(scale)
+            self.run_dir.truncate_logs(trainer.step)
+            self._say(
+                f"non-finite loss at generator step {step}; rolled back to step "
+                f"{trainer.step} ({ckpt}) with learning rates x{scale:g}"
+            )
+            return
+        reason = (
+            f"non-finite loss at generator step {step} (W {losses['wasserstein']}, loss_d "
+            f"{losses['loss_d']}, loss_g {losses['loss_g']}); last good checkpoint: {ckpt} (step "
+            f"{self.last_good}). Resume with --on-nan rollback or lower learning rates"
+        )
+        self.run_dir.write_status("failed", step, cfg.steps, self.wall(), reason)
+        raise NonFiniteLoss(reason)
+
+    # ---------------------------------------------------------------- signals and status
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set :attr:`signal` (the loop then checkpoints and stops); a second
+        one interrupts at once. Only in the main thread, and never over an ignored signal."""
+        # Under DDP every rank must stop at the same step; torchrun's signals reach them all.
+        if threading.current_thread() is not threading.main_thread() or dist.is_initialized():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.signal is not None:
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        before = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                before[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in before.items():
+                signal.signal(sig, old)
+
+    def _stop_on_signal(self) -> None:
+        if _params_finite(self.trainer) and self.trainer.step > self.last_good:
+            self._checkpoint(keep=False)
+            self.last_good = self.trainer.step
+        self._status("failed", "interrupted")
+        raise KeyboardInterrupt
+
+    def _status(self, state: str, reason: str | None = None) -> None:
+        self.run_dir.write_status(state, self.trainer.step, self.cfg.steps, self.wall(), reason)
+
+    def _say(self, msg: str) -> None:
+        if not self.cfg.quiet:
+            tqdm.write(f"lipgan: {msg}", file=self.stream or sys.stderr)
 
     def close(self) -> None:
         """Close the progress bar and the log files (the run can be reopened with resume)."""
@@ -400,10 +394,5 @@ class Session:
         folder."""
         self.close()
         if self.trainer.step >= self.cfg.steps or self.ended:
-            self.run_dir.write_status("done", self.trainer.step, self.cfg.steps, self.wall())
+            self._status("done")
         return self.path
-
-
-def _say(cfg: TrainConfig, stream, msg: str) -> None:
-    if not cfg.quiet:
-        print(f"lipgan: {msg}", file=stream or sys.stderr)
