@@ -27,23 +27,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipgan.errors import LipganError
-from lipgan.runs import atomic_write_text
-from lipgan.train.classifier import (  # noqa: F401  (the classifier's public names, here too)
-    PRESETS,
-    TRAINING_FIELDS,
-    ClassifyConfig,
+from lipgan.runs import Export, RunFolder, atomic_write_text, read_text
+from lipgan.train.classifier import (  # noqa: F401  (the trainer's public names, here too)
     Trained,
     build_model,
     load_classifier,
     load_data,
-    make_constraint,
-    method_names,
     pairwise_head_constants,
     plain_copy,
-    preset,
     save_classifier,
     train,
     unit_pixels,
+)
+from lipgan.train.classifier_config import (  # noqa: F401
+    PRESETS,
+    TRAINING_FIELDS,
+    ClassifyConfig,
+    make_constraint,
+    method_names,
+    preset,
 )
 
 #: GloRo's deterministic L2 results on MNIST (Leino et al. 2021, Table 2): verified-robust accuracy
@@ -419,24 +421,24 @@ def summary(results: dict) -> dict:
     return row
 
 
-#: what a classify run folder holds
-_RUN_FILES = ("config.yaml", "results.json", "classifier.safetensors")
+#: what a classify run folder holds (besides the lock and partial files)
+_RUN_FILES = ("config.yaml", "results.json", "classifier.safetensors", "manifest.json")
 
 
-def _make_way(out: Path, overwrite: bool) -> None:
+def _make_way(run: RunFolder, overwrite: bool) -> None:
     """Refuse a folder that already holds files, unless ``overwrite`` and they are a classify
-    run's (then its results go first, so an interrupted rerun leaves no stale ones)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
+    run's: then they go first (under the folder's lock), so no stale result outlives a rerun."""
+    out = run.path
+    if out.exists() and not out.is_dir():
         raise LipganError(f"{out} is a file; choose another --out")
-    held = sorted(p.name for p in out.iterdir() if not p.name.endswith((".part", ".tmp")))
+    held = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.exists() else []
+    held = [n for n in held if not n.endswith(".part")]
     if not held:
         return
     foreign = [n for n in held if n not in _RUN_FILES]
     if foreign or "config.yaml" not in held:
         raise LipganError(
-            f"{out} holds {', '.join(foreign or held)} and is not a classify run; choose "
+            f"{out} holds {', '.join((foreign or held)[:3])} and is not a classify run; choose "
             "another --out"
         )
     if not overwrite:
@@ -444,23 +446,36 @@ def _make_way(out: Path, overwrite: bool) -> None:
             f"{out} already holds a classify run; choose another --out, or pass --overwrite to "
             "replace it (--reevaluate measures it again without training)"
         )
-    for name in ("results.json", "classifier.safetensors"):
-        (out / name).unlink(missing_ok=True)
+    run.lock()
+    for name in held:
+        (out / name).unlink()
 
 
 def run(
     cfg: ClassifyConfig, log: Callable[[str], None] | None = print, *, overwrite: bool = False
 ) -> dict:
     """Train, evaluate and (with ``cfg.out``) write the run folder; returns the results dict.
-    A folder already holding a classify run is refused unless ``overwrite``."""
-    import yaml
-
+    A folder already holding files is refused (a classify run's are replaced with
+    ``overwrite``); the folder is locked while it is written (one writer)."""
     cfg = cfg.resolved()
-    out = Path(cfg.out) if cfg.out else None
-    if out is not None:
-        _make_way(out, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    folder = RunFolder(cfg.out) if cfg.out else None
+    try:
+        if folder is not None:
+            _make_way(folder, overwrite)
+            folder.create(asdict(cfg))
+        results, tr = _train_and_measure(cfg, log)
+        if folder is not None:
+            folder.write_exports({"classifier": Export(tr.plain, cfg.model, tr.kwargs)})
+            atomic_write_text(folder.path / "results.json", json.dumps(results, indent=2))
+    finally:
+        if folder is not None:
+            folder.close()
+    return results
+
+
+def _train_and_measure(
+    cfg: ClassifyConfig, log: Callable[[str], None] | None
+) -> tuple[dict, Trained]:
     t0 = time.perf_counter()
     tr = train(cfg, log=log)
     results: dict = {
@@ -478,10 +493,7 @@ def run(
             tr.plain, tr.train_x, tr.train_y, tr.test_x, tr.test_y
         )
     results["wall_s"] = time.perf_counter() - t0
-    if out is not None:
-        save_classifier(tr.plain, out / "classifier.safetensors", cfg.model, tr.kwargs)
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    return results
+    return results, tr
 
 
 def reevaluate(
@@ -495,27 +507,23 @@ def reevaluate(
     evaluation options in ``overrides`` (eval_n, eps, pgd_steps, ...) and rewrites
     ``results.json`` (and ``config.yaml``) keeping the training history and time.
     """
-    import yaml
-
-    run_dir = Path(run_dir)
-    cfg_path, res_path = run_dir / "config.yaml", run_dir / "results.json"
-    if not cfg_path.is_file() or not res_path.is_file():
+    folder = RunFolder(run_dir)
+    res_path = folder.path / "results.json"
+    if not folder.config_path.is_file() or not res_path.is_file():
         raise LipganError(f"{run_dir}: not a finished classify run (config.yaml, results.json)")
-    raw = yaml.safe_load(cfg_path.read_text())
+    raw = folder.read_config()
     for key in overrides or {}:
         if key in TRAINING_FIELDS:
             raise LipganError(f"{key} changes training; train a new run instead")
     raw.update(overrides or {})
     cfg = ClassifyConfig.from_dict(raw).resolved()
-    if overrides:
-        atomic_write_text(cfg_path, yaml.safe_dump(asdict(cfg), sort_keys=False))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = load_classifier(run_dir)
+    model = folder.load_export("classifier")
     for p in model.parameters():
         p.requires_grad_(False)
     ds, tr_x, tr_y = load_data(cfg)
-    old = json.loads(res_path.read_text())
+    old = json.loads(read_text(res_path))
     t0 = time.perf_counter()
     res = {k: old[k] for k in ("history", "train_s", "n_train", "n_test") if k in old}
     res["config"] = asdict(cfg)
@@ -523,5 +531,8 @@ def reevaluate(
     res.update(evaluate(model, cfg, unit_pixels(tr_x), tr_y, test_x, ds.test_labels, log))
     res["summary"] = summary(res)
     res["wall_s"] = old.get("train_s", 0.0) + (time.perf_counter() - t0)
-    atomic_write_text(res_path, json.dumps(res, indent=2))
+    with folder.lock():
+        if overrides:
+            folder.write_config(asdict(cfg))
+        atomic_write_text(res_path, json.dumps(res, indent=2))
     return res

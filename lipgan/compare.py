@@ -39,6 +39,7 @@ from pathlib import Path
 from lipgan.errors import LipganError
 from lipgan.experiments import sweep
 from lipgan.experiments.sweep import Cell, Context, Variant
+from lipgan.runs import FolderLock, RunFolder, atomic_write_text, make_dirs, read_text
 
 #: The methods compared by default: one per way of making the critic Lipschitz, plus the
 #: unconstrained non-saturating GAN as the control (sagan differs in architecture and loss too,
@@ -120,43 +121,31 @@ def format_duration(seconds: float) -> str:
 
 # --------------------------------------------------------------------------- the trainer
 
-# Only this section knows how a run is made, through lipgan.gan's public API (PRESETS,
-# TrainConfig, resolve, train); everything else reads run folders.
-
-
-def method_fields(name: str) -> dict:
-    """The TrainConfig fields that make method ``name``: a trainer preset, or a constraint of
-    the :mod:`lipgan.constraints` registry trained with the WGAN-GP setup."""
-    from lipgan import constraints, gan
-
-    if name in gan.PRESETS:
-        return {"method": name}
-    if name in constraints.available():
-        return {"method": "wgan-gp", "constraint": name}
-    known = sorted(set(gan.PRESETS) | set(constraints.available()))
-    raise LipganError(f"unknown method {name!r}; choose from {', '.join(known)}")
+# Only this section knows how a run is made, through lipgan.train's public API (TrainConfig,
+# presets, loop.train); everything else reads run folders.
 
 
 def variant_fields(variant: Variant) -> dict:
-    """A variant's TrainConfig fields: its ``method`` (or its name as the method) resolved by
-    :func:`method_fields`, then its own options."""
+    """A variant's TrainConfig fields: ``method`` (its name when the variant is a bare method
+    name), then its own options. Methods are :func:`lipgan.train.presets.methods`: the presets
+    and the constraint registry's names."""
+    from lipgan.train import presets
+
     options = dict(variant.options)
     method = options.pop("method", None)
-    if method is None and "constraint" in options:
-        return {"method": "wgan-gp", **options}  # a constraint given by name: the WGAN-GP setup
-    if method is None:
-        if not options:  # a method by its name
-            return method_fields(variant.name)
-        try:
-            return {**method_fields(variant.name), **options}
-        except LipganError:
-            raise LipganError(
-                f"variant {variant.name}: name the method it trains, e.g. "
-                f"{variant.name}:method=frobenius,width=64"
-            ) from None
-    if not isinstance(method, str):
-        raise LipganError(f"variant {variant.name}: method must be a name, got {method!r}")
-    return {**method_fields(method), **options}
+    if method is None and variant.name not in presets.methods():
+        raise LipganError(
+            f"variant {variant.name}: name the method it trains, e.g. "
+            f"{variant.name}:method=frobenius,width=64"
+            if options
+            else f"unknown method {variant.name!r}; choose from {', '.join(presets.methods())}"
+        )
+    if method is not None and method not in presets.methods():
+        raise LipganError(
+            f"variant {variant.name}: unknown method {method!r}; choose from "
+            f"{', '.join(presets.methods())}"
+        )
+    return {"method": method or variant.name, **options}
 
 
 def _check(cfg: CompareConfig) -> list[Variant]:
@@ -181,12 +170,12 @@ def _check(cfg: CompareConfig) -> list[Variant]:
         own = sorted(set(v.options) & (_OWN_FIELDS - {"method"}))
         if own:
             raise LipganError(f"variant {v.name}: {', '.join(own)} are set by compare itself")
-    # Bad training flags fail here, before anything is written, not at the first run.
-    from lipgan import gan
+    # Bad training flags fail here (type, range, choices), before anything is written.
+    from lipgan.train import TrainConfig, device, presets
 
     for v in variants:
-        gan.resolve(gan.TrainConfig.from_dict({**cfg.train_flags(), **variant_fields(v)}))
-    gan.resolve_device(cfg.device or "auto")
+        presets.resolve(TrainConfig.from_dict({**cfg.train_flags(), **variant_fields(v)}))
+    device.resolve_device(cfg.device or "auto")
     return variants
 
 
@@ -203,15 +192,15 @@ def _train_config(cell: Cell, cfg: CompareConfig, steps: int, resume: bool, thre
     """The TrainConfig of one run: a new run from its variant and the training flags, or, to
     resume, the run's own config.yaml with only ``steps`` changed (as `lipgan train --resume`).
     ``threads`` (a worker's share of the CPU with ``jobs`` > 1) overrides both."""
-    from lipgan import gan, runs
+    from lipgan.train import TrainConfig
 
     own = {} if threads is None else {"threads": int(threads)}
     if resume:
-        base = runs.Run(cell.path).read_config()
+        base = RunFolder(cell.path).read_config()
         base.update(out=str(cell.path), steps=int(steps), quiet=cfg.quiet, **own)
-        return gan.TrainConfig.from_dict(base)
+        return TrainConfig.from_dict(base)
     fields_ = {**cfg.train_flags(), **variant_fields(Variant(cell.variant, cell.options)), **own}
-    return gan.TrainConfig.from_dict(
+    return TrainConfig.from_dict(
         {
             **fields_,
             "seed": cell.seed,
@@ -226,22 +215,23 @@ def _train_one(cell: Cell, cfg: CompareConfig, ctx: Context, tag: str) -> None:
     """Train or resume one run to its bound (steps, or ``max_time_s = budget`` with a step cap
     it never reaches: the time sums over resumes, so an interrupted run resumes with the time it
     has left, and the end-of-run work happens once); the trainer writes everything."""
-    from lipgan import gan, runs
+    from lipgan.train import loop
 
     resume = cell.action == "resume"
     kw = {} if ctx.stream is None else {"stream": ctx.stream}
     if cfg.steps is not None:
-        gan.train(_train_config(cell, cfg, cfg.steps, resume, ctx.threads), resume=resume, **kw)
+        loop.train(_train_config(cell, cfg, cfg.steps, resume, ctx.threads), resume=resume, **kw)
         return
     tc = _train_config(cell, cfg, BUDGET_STEP_CAP, resume, ctx.threads)
     try:
-        gan.train(tc.replace(max_time_s=float(cfg.budget_s)), resume=resume, **kw)
-    except gan.TimeLimitReached:
+        loop.train(tc.replace(max_time_s=float(cfg.budget_s)), resume=resume, **kw)
+    except loop.TimeLimitReached:
         # Killed after its final checkpoint but before it was marked done: it is complete.
         st = _status(cell.path)
-        runs.Run(cell.path).write_status(
-            "done", int(st.get("step") or 0), int(st.get("steps") or 0), float(st["wall_s"])
-        )
+        with RunFolder(cell.path) as run:
+            run.write_status(
+                "done", int(st.get("step") or 0), int(st.get("steps") or 0), float(st["wall_s"])
+            )
     st = _status(cell.path)
     ctx.log(
         f"{tag}: step {st.get('step')}, {float(st.get('wall_s') or 0):.1f} s of "
@@ -253,16 +243,11 @@ def _train_one(cell: Cell, cfg: CompareConfig, ctx: Context, tag: str) -> None:
 
 
 def _status(path: Path) -> dict:
-    try:
-        with open(path / "status.json", encoding="utf-8") as fh:
-            value = json.load(fh)
-        return value if isinstance(value, dict) else {}
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return {}
+    return RunFolder(path).read_status() or {}
 
 
 def _has_checkpoint(path: Path) -> bool:
-    return (path / "checkpoints" / "last.pt").is_file()
+    return RunFolder(path).last_checkpoint.is_file()
 
 
 def _interrupted(status: dict) -> bool:
@@ -295,47 +280,41 @@ def plan_runs(cfg: CompareConfig) -> list[Cell]:
     return cells
 
 
-#: what the trainer writes in a run folder before its first checkpoint (and partial files)
-_TRAINER_ENTRIES = {
-    "config.yaml", "status.json", "metrics.csv", "layer_norms.csv", "samples", "checkpoints",
-    "tb", "critic.safetensors", "generator.safetensors", "eval.json",
-}  # fmt: skip
-
-
 def _in_the_way(cell: Cell) -> str | None:
     """What a fresh start does to the folder: None (absent), ``"set aside"`` (a failed run,
-    retried: moved to OUT/failed/ for inspection) or ``"delete"`` (empty, or the remains of a run
-    killed before its first checkpoint, which hold nothing a resume could use). Anything else
-    is refused, never deleted: a LipganError naming it."""
+    retried: moved to OUT/failed/ for inspection) or ``"delete"`` (empty, or a run killed before
+    its first checkpoint, which holds nothing a resume could use). Anything else is refused,
+    never deleted: a LipganError naming it."""
     path = cell.path
     if not path.exists():
         return None
+    if not path.is_dir():
+        raise LipganError(f"{path} is a file where compare puts a run; move it away")
     status = _status(path)
     if status.get("state") == "failed" and not _interrupted(status):
         return "set aside"
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else None
-    if entries is None:
-        raise LipganError(f"{path} is a file where compare puts a run; move it away")
-    foreign = [
-        e for e in entries if e not in _TRAINER_ENTRIES and not e.endswith((".tmp", ".part"))
-    ]
-    if foreign or (entries and "config.yaml" not in entries):
+    held = sorted(p.name for p in path.iterdir() if p.name != FolderLock.NAME)
+    if held and not RunFolder(path).exists():
         raise LipganError(
-            f"{path} holds {', '.join(foreign or entries)} and is not a lipgan run; move it "
-            "away (or choose another --out)"
+            f"{path} holds {', '.join(held[:3])} and is not a lipgan run; move it away (or "
+            "choose another --out)"
         )
     return "delete"
 
 
 def _clear_for_training(cell: Cell, out: Path) -> None:
-    """Make way for a fresh run in ``cell.path`` as :func:`_in_the_way` says."""
+    """Make way for a fresh run in ``cell.path`` as :func:`_in_the_way` says, holding the
+    folder's lock (a run another process is writing is never moved or deleted)."""
     what = _in_the_way(cell)
-    if what == "set aside":
-        dest = out / "failed" / f"{cell.path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(cell.path, dest)
-    elif what == "delete":
-        shutil.rmtree(cell.path)
+    if what is None:
+        return
+    with RunFolder(cell.path).lock():
+        if what == "set aside":
+            dest = out / "failed" / f"{cell.path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            make_dirs(dest.parent)
+            os.rename(cell.path, dest)
+        else:
+            shutil.rmtree(cell.path)
 
 
 _SETTINGS_FILE = "compare.json"
@@ -356,14 +335,12 @@ def _check_settings(cfg: CompareConfig, variants: Sequence[Variant], out: Path) 
     """Resuming with other training flags, another budget or another variant under the same
     name would mix unlike runs in one table: refuse, and say how to proceed. Variants and seeds
     may grow (only new runs are trained)."""
-    from lipgan import runs
-
     fixed = _settings(cfg, variants)
     path = out / _SETTINGS_FILE
     before: dict = {}
     if path.is_file():
         try:
-            before = json.loads(path.read_text(encoding="utf-8"))
+            before = json.loads(read_text(path))
         except ValueError:
             before = {}
         diffs = [k for k in ("budget_s", "steps", "train") if before.get(k) != fixed[k]]
@@ -385,8 +362,8 @@ def _check_settings(cfg: CompareConfig, variants: Sequence[Variant], out: Path) 
         "seeds": max(int(before.get("seeds", 0)), cfg.seeds),
         "config": asdict(cfg),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    runs.atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    make_dirs(out)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -397,13 +374,15 @@ def evaluate_run(path: Path, *, n: int, dataset: str, device: str | None = None)
     so runs are scored on the same draws) and write ``eval.json`` with ``lipgan.metrics``."""
     import torch
 
-    from lipgan import gan, metrics, runs
+    from lipgan import metrics
+    from lipgan.train import device as devices
 
-    gen = runs.load_network(str(path), "generator")
+    run = RunFolder(path)
+    gen = run.load_export("generator")
     z_dim = getattr(gen, "z_dim", None)
     if not isinstance(z_dim, int):
         raise LipganError(f"{path}: the generator has no integer z_dim; cannot sample it")
-    dev = gan.resolve_device(device or "auto")
+    dev = devices.resolve_device(device or "auto")
     gen = gen.to(dev).eval()
     g = torch.Generator().manual_seed(0)
     parts = []
@@ -412,15 +391,13 @@ def evaluate_run(path: Path, *, n: int, dataset: str, device: str | None = None)
             z = torch.randn(min(500, n - start), z_dim, generator=g)
             parts.append(gen(z.to(dev)).float().cpu())
     res = metrics.evaluate(torch.cat(parts), dataset=dataset, n=n)
-    runs.atomic_write_text(path / "eval.json", json.dumps(res, indent=2) + "\n")
+    with run:
+        run.write_eval(res)
     return res
 
 
 def _needs_eval(path: Path, n: int) -> bool:
-    try:
-        return json.loads((path / "eval.json").read_text(encoding="utf-8")).get("n") != n
-    except (FileNotFoundError, ValueError, AttributeError):
-        return True
+    return (RunFolder(path).read_eval() or {}).get("n") != n
 
 
 # --------------------------------------------------------------------------- results

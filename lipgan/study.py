@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from lipgan.errors import LipganError
 from lipgan.experiments import sweep
 from lipgan.experiments.sweep import Cell, Context, Variant
 from lipgan.runs import atomic_write_text
+from lipgan.train.config import Config, option
 
 # Strengths swept per regularizer (None: the method has no strength). l2 is weight decay wd and
 # frobenius adds lam*||W||_F^2 with gradient 2*lam*W, so frobenius at wd/2 is l2 on the weights
@@ -45,25 +46,26 @@ DEFAULT_GRID: dict[str, list[float | None]] = {
 
 
 @dataclass
-class StudyConfig:
-    """Options of ``lipgan study generalization``."""
+class StudyConfig(Config):
+    """Options of ``lipgan study generalization``; each field is one CLI flag."""
 
-    out: str = "runs/study-generalization"
-    seeds: int = 3
-    train_subset: int = 5000
-    model: str = "mlp"
-    epochs: int = 20
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    regs: list[str] = field(default_factory=lambda: list(DEFAULT_GRID))
-    eval_n: int = 1000
-    jobs: int = 2  # cells at a time, one thread each: the two cores of the reference machine
-    grid: dict | None = None  # {reg: [lam, ...]}; None: DEFAULT_GRID restricted to ``regs``
-    overrides: dict = field(default_factory=dict)  # other ClassifyConfig fields for every cell
+    out: str = option("runs/study-generalization", "study folder (cells/, CSVs, plots, study.md)")
+    seeds: int = option(3, "seeds per (regularizer, strength): 0..N-1", low=1, high=1000)
+    train_subset: int = option(5000, "training images per cell (0 = all)", low=0)
+    model: str = option("mlp", "mlp or cnn")
+    epochs: int = option(20, "epochs per cell", low=1)
+    dataset: str = option("mnist", "mnist, fashion-mnist or a folder of IDX files")
+    data_dir: str | None = option(None, "read the four IDX files from this folder")
+    regs: list = option(list(DEFAULT_GRID), "regularizers (classify --reg names)", flag=False)
+    eval_n: int = option(1000, "test images for the robustness checks", low=1)
+    # one thread per cell: the two cores of the reference machine
+    jobs: int = option(2, "cells at a time, one thread each", low=1, flag=False)
+    grid: dict | None = option(None, "{reg: [lam, ...]}; None: DEFAULT_GRID", flag=False)
+    overrides: dict = option({}, "any other classify field for every cell, e.g. width=64")
 
     def variants(self) -> list[Variant]:
         """One variant per (regularizer, strength): ``snr_lam0.01: {reg: snr, lam: 0.01}``."""
-        from lipgan.train.classifier import preset
+        from lipgan.train.classifier_config import preset
 
         for reg in self.regs:
             preset(reg)  # an unknown name is refused here
@@ -76,7 +78,6 @@ class StudyConfig:
 
     def cells(self) -> list[Cell]:
         """Every variant x seed, in a stable order, each in ``OUT/cells/<variant>_s<seed>``."""
-        sweep.check_jobs(self.jobs)
         return sweep.grid(
             self.variants(), self.seeds, Path(self.out) / "cells", "{variant}_s{seed}"
         )

@@ -203,12 +203,14 @@ def test_run_folder_and_export(mnist, tmp_path):
         dict(epochs=0),
         dict(train_subset=-5),
         dict(sn_mode="fft"),
+        dict(lr="fast"),
+        dict(epochs=1.5),
         dict(model="resnet"),
     ],
 )
 def test_bad_options_raise_lipgan_error(bad, mnist):
-    cfg = ClassifyConfig(**{**QUICK, **bad})
     with pytest.raises(LipganError):
+        cfg = ClassifyConfig(**{**QUICK, **bad})  # types and ranges are checked here
         if "model" in bad:
             train(cfg, log=None)
         else:
@@ -297,7 +299,7 @@ def test_any_registry_method_trains_bjorck_orthonormal(mnist):
 
 def test_reg_names_are_the_shared_vocabulary():
     from lipgan import constraints
-    from lipgan.train.classifier import method_names
+    from lipgan.train.classifier_config import method_names
 
     names = method_names()
     assert {"none", "l2", "frobenius", "snr", "sn", "gp"} <= set(names)

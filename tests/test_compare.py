@@ -16,6 +16,7 @@ from lipgan.compare import CompareConfig, parse_duration, plan_runs, run_compare
 from lipgan.errors import LipganError
 from lipgan.experiments import sweep
 from lipgan.experiments.sweep import Variant
+from lipgan.train import loop
 
 # Tiny and quick: width 8, batch 16, one thread (two cores are shared by several processes; more
 # threads only fight), a 128-sample FID at the end of each run, no TensorBoard.
@@ -51,13 +52,13 @@ def _keep_threads():
 def spy(monkeypatch):
     """Record every call of the trainer: (run folder name, resume, steps)."""
     calls = []
-    real = gan.train
+    real = loop.train
 
     def train(cfg, **kw):
         calls.append((cfg.out.rsplit("/", 1)[-1], kw.get("resume", False), cfg.steps))
         return real(cfg, **kw)
 
-    monkeypatch.setattr(gan, "train", train)
+    monkeypatch.setattr(loop, "train", train)
     return calls
 
 
@@ -372,8 +373,8 @@ def _resumable(cfg, method, steps, state="failed", reason="interrupted"):
     path = Path(cfg.out) / "runs" / f"{method}-seed0"
     flags = {**cfg.train_flags(), "method": method, "seed": 0, "steps": steps}
     gan.train(gan.TrainConfig.from_dict({**flags, "out": str(path), "quiet": True}))
-    run = runs.Run(path)
-    run.write_status(state, steps, cfg.steps or steps, 1.0, reason)
+    with runs.RunFolder(path) as run:
+        run.write_status(state, steps, cfg.steps or steps, 1.0, reason)
     return run
 
 

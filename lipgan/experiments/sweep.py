@@ -32,22 +32,19 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lipgan.errors import LipganError
+from lipgan.train import config
 
 #: Seconds running cells get to stop on their own after Ctrl-C before they are interrupted.
 STOP_GRACE_S = 3.0
 
 #: A variant's name becomes part of a folder name: letters, digits and ``._+-`` only.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-#: YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string; a number is what every user means.
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 # --------------------------------------------------------------------------- the grid
@@ -110,39 +107,6 @@ def grid(
     ]
 
 
-def parse_value(text: str) -> Any:
-    """A YAML scalar or flow value (``true``, ``3``, ``[1, 2]``, ``{a: 1}``), numbers written
-    like ``1e-4`` read as floats (YAML 1.1 reads them as strings)."""
-    return number_strings(yaml.safe_load(text))
-
-
-def number_strings(value: Any) -> Any:
-    """``value`` with every string that spells a number (``"1e-4"``) turned into that float,
-    inside lists and mappings too: what YAML 1.1 leaves as text."""
-    if isinstance(value, str) and _FLOAT.match(value.strip()):
-        return float(value)
-    if isinstance(value, list):
-        return [number_strings(v) for v in value]
-    if isinstance(value, dict):
-        return {k: number_strings(v) for k, v in value.items()}
-    return value
-
-
-def parse_options(items: Iterable[str], flag: str) -> dict:
-    """``["key=value", ...]`` as a mapping (dashes in keys become underscores)."""
-    options: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise LipganError(f"{flag} {item!r}: write KEY=VALUE, e.g. threads=2")
-        try:
-            options[key] = parse_value(value)
-        except yaml.YAMLError:
-            raise LipganError(f"{flag} {item!r}: cannot read the value {value!r}") from None
-    return options
-
-
 # a comma that starts the next `key=`: values may hold commas themselves ([1, 2], a,b lists)
 _NEXT_KEY = re.compile(r",(?=\s*[A-Za-z_][\w-]*\s*=)")
 
@@ -151,24 +115,15 @@ def parse_variant(text: str) -> Variant:
     """``NAME:key=value,key=value`` (or just ``NAME``) as a :class:`Variant`."""
     name, _, rest = text.partition(":")
     items = [s for s in _NEXT_KEY.split(rest) if s.strip()] if rest.strip() else []
-    return Variant(name.strip(), parse_options(items, f"--variant {name.strip()}:"))
+    return Variant(name.strip(), config.parse_options(items, f"--variant {name.strip()}:"))
 
 
 def read_variants(path: str | Path) -> list[Variant]:
     """Variants from a YAML file: a mapping ``name: {field: value, ...}``, in file order."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise LipganError(f"{path}: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise LipganError(f"{path}: not a YAML file ({type(exc).__name__})") from None
-    if not isinstance(data, dict) or not data:
+    data = config.load_yaml(path)
+    if not data or not all(isinstance(o, dict) or o is None for o in data.values()):
         raise LipganError(f"{path}: write the variants as a mapping NAME: {{field: value, ...}}")
-    return [
-        Variant(str(name), number_strings(opts if opts is not None else {}))
-        for name, opts in data.items()
-    ]
+    return [Variant(str(name), dict(opts or {})) for name, opts in data.items()]
 
 
 def write_table(path: str | Path, rows: Sequence[dict], columns: Sequence[str] = ()) -> Path:
