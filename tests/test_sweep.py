@@ -35,15 +35,12 @@ def test_grid_crosses_variants_and_seeds(tmp_path):
             Variant(bad)
 
 
-def test_values_are_yaml_with_exponents_as_numbers():
-    assert sweep.parse_value("1e-4") == pytest.approx(1e-4)
-    assert isinstance(sweep.parse_value("1e-4"), float)
-    assert sweep.parse_value("3") == 3 and sweep.parse_value("true") is True
-    assert sweep.parse_value("[1, 2e3]") == [1, 2000.0]
-    assert sweep.parse_value("abc") == "abc"
-    assert sweep.parse_options(["lr-d=5e-5", "n_critic=1"], "--x") == {"lr_d": 5e-5, "n_critic": 1}
+def test_variant_values_are_yaml_with_exponents_as_numbers():
+    v = sweep.parse_variant("slow:lr-d=1e-4,n_critic=1,compile=true,eps=[1, 2e3]")
+    assert v.options == {"lr_d": 1e-4, "n_critic": 1, "compile": True, "eps": [1, 2000.0]}
+    assert isinstance(v.options["lr_d"], float)
     with pytest.raises(LipganError, match="KEY=VALUE"):
-        sweep.parse_options(["lr_d"], "--train-option")
+        sweep.parse_variant("a:lr_d")
 
 
 def test_parse_variant_keeps_commas_inside_values():
