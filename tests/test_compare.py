@@ -249,14 +249,14 @@ def test_an_interrupted_budget_run_resumes_with_the_time_it_has_left(tmp_path, m
 
     def interrupted(self, *a, **kw):
         t_start.append(1)
-        if len(t_start) == 12:
+        if len(t_start) == 4:  # early: a loaded machine may spend the budget in a dozen steps
             raise KeyboardInterrupt
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(gan.GANTrainer, "train_step", interrupted)
     cfg = tiny(
         tmp_path / "c", methods=["sn"], steps=None, budget_s=budget, evaluate=False,
-        train_options={**OPTIONS, "checkpoint_every": 5},
+        train_options={**OPTIONS, "checkpoint_every": 2},
     )  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         run_compare(cfg)
@@ -267,7 +267,7 @@ def test_an_interrupted_budget_run_resumes_with_the_time_it_has_left(tmp_path, m
     monkeypatch.setattr(gan.GANTrainer, "train_step", real_step)
     run_compare(cfg)
     st = json.loads((run / "status.json").read_text())
-    assert st["state"] == "done" and st["step"] > 10
+    assert st["state"] == "done" and st["step"] > first["step"]
     assert budget <= st["wall_s"] < budget + 120
 
 
