@@ -544,8 +544,15 @@ def test_variants_and_a_registry_method_are_compared(tmp_path):
 
 def test_methods_take_constraint_names(tmp_path):
     """`--methods bjorck`: a constraint of the registry is a method (the WGAN-GP setup)."""
+    from lipgan.train import TrainConfig, presets
+
     (v,) = compare._check(tiny(tmp_path / "c", methods=["bjorck"]))
-    assert compare.variant_fields(v) == {"method": "wgan-gp", "constraint": "bjorck"}
+    resolved = presets.resolve(TrainConfig.from_dict(compare.variant_fields(v)))
+    assert (resolved.method, resolved.constraint, resolved.loss) == (
+        "bjorck",
+        "bjorck",
+        "wasserstein",
+    )
     assert not (tmp_path / "c").exists()
 
 
@@ -627,3 +634,22 @@ def test_a_folder_in_the_way_is_refused_not_deleted(tmp_path, capsys):
     with pytest.raises(LipganError, match="is a file"):
         run_compare(tiny(out, methods=["sn"]))
     assert mine.read_text() == "a file"
+
+
+def test_a_bad_train_option_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A wrongly typed training option is one line before OUT exists, so the corrected command
+    then runs (it used to crash in Adam after compare.json was written, and the corrected
+    command was refused as "other flags")."""
+    from lipgan.cli import main
+
+    out = tmp_path / "c"
+    argv = ["compare", "--methods", "sn", "--seeds", "1", "--steps", "1", "--width", "8"]
+    argv += ["--batch-size", "16", "--device", "cpu", "--no-eval", "--quiet", "--out", str(out)]
+    argv += ["--threads", "1", "--no-tensorboard"]
+    for bad in (["--train-option", "lr_d=fast"], ["--lr-d", "fast"], ["--train-option", "steps=2"]):
+        assert main(argv + bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lipgan: error:") and len(err.splitlines()) == 1, err
+        assert not out.exists()
+    assert main(argv + ["--train-option", "lr_d=1e-4"]) == 0
+    assert report.load_run(out / "runs" / "sn-seed0").config["lr_d"] == pytest.approx(1e-4)
