@@ -53,20 +53,37 @@ def pgd_l2(
     steps: int = 20,
     step_size: float | None = None,
     generator: torch.Generator | None = None,
+    box: tuple[float, float] | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L2 PGD: maximize ``objective(f(x + d))`` (per sample, shape (B,)) over ``||d_i|| <= eps``.
 
-    Normalized gradient steps of ``step_size`` (default 2.5 eps / steps, Madry et al. 2018) from a
-    random point of the sphere, each followed by the projection onto the ball. Returns d, x's shape.
+    Normalized gradient steps of ``step_size`` (default 2.5 eps / steps, Madry et al. 2018) from
+    ``start`` (default a random point of the sphere), each followed by the projection onto the
+    box ``lo <= x + d <= hi`` (when ``box`` is given, e.g. pixels in [0, 1]) and then onto the
+    ball. Projecting onto the box keeps the budget on pixels that can still move, where a clamp
+    inside ``f`` would waste it. This is lipgan's one L2 PGD (the sensitivity measurements, the
+    Lipschitz lower bounds and the classifier attacks use it). Returns d, x's shape.
     """
     step = 2.5 * eps / max(steps, 1) if step_size is None else step_size
-    d = eps * _unit(torch.randn(x.shape, generator=generator, dtype=x.dtype))
+    view = (-1,) + (1,) * (x.dim() - 1)
+
+    def project(d: torch.Tensor) -> torch.Tensor:
+        if box is not None:
+            d = (x + d).clamp(box[0], box[1]) - x
+        n = d.reshape(d.shape[0], -1).norm(dim=1).clamp_min(1e-30)
+        return d * (eps / n).clamp(max=1.0).reshape(view)
+
+    if start is None:
+        d = eps * _unit(torch.randn(x.shape, generator=generator, dtype=x.dtype))
+    else:
+        d = start.to(x.dtype)
+    d = project(d.detach())
     for _ in range(steps):
         d = d.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(objective(f(x + d)).sum(), d)
-        d = d.detach() + step * _unit(g)
-        n = d.reshape(d.shape[0], -1).norm(dim=1).clamp_min(1e-30)
-        d = d * (eps / n).clamp(max=1.0).reshape(-1, *([1] * (d.dim() - 1)))
+        with torch.no_grad():
+            d = project(d + step * _unit(g))
     return d.detach()
 
 

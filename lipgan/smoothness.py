@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from lipgan import norms
+from lipgan.analysis.iteration import lanczos_extreme, power_extreme
 from lipgan.errors import LipganError
 
 __all__ = [
@@ -49,24 +49,6 @@ def hvp_operator(
     return hvp, n, flat.detach()
 
 
-def _power(hvp, v, n_iter, tol, shift=0.0):
-    """Power iteration on H - shift I: the eigenvalue of largest magnitude of that operator."""
-    v = v / v.norm()
-    lam = 0.0
-    for _ in range(n_iter):
-        w = hvp(v) - shift * v
-        new = float(v @ w)
-        nw = w.norm()
-        if float(nw) == 0:
-            return 0.0, v
-        v = w / nw
-        if abs(new - lam) <= tol * max(abs(new), 1e-30):
-            lam = new
-            break
-        lam = new
-    return lam, v
-
-
 def hessian_extremes(
     hvp: Callable[[torch.Tensor], torch.Tensor],
     n: int,
@@ -78,18 +60,20 @@ def hessian_extremes(
 ) -> dict[str, float]:
     """Largest (``L``) and smallest (``mu``) eigenvalue of a symmetric operator given by ``hvp``.
 
-    ``method``: "lanczos" (restarted, fully reorthogonalized: Ritz values lie inside the spectrum)
-    or "power" (power iteration for the largest magnitude lambda_1, then on ``H - lambda_1 I`` for
-    the other end). Returns {"L", "mu", "condition" (L / mu when mu > 0, else inf)}.
+    ``method``: "lanczos" (restarted, fully reorthogonalized, stopping at breakdown relative to
+    the operator's scale: Ritz values lie inside the spectrum, and an exhausted Krylov space of a
+    rank-deficient Hessian gives its zero eigenvalue, not noise) or "power" (power iteration
+    for the largest magnitude lambda_1, then on ``H - lambda_1 I`` for the other end).
+    Returns {"L", "mu", "condition" (L / mu when mu > 0, else inf)}.
     """
     g = torch.Generator().manual_seed(seed)
     v0 = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
     if method == "lanczos":
-        big, _ = norms.lanczos_extreme(hvp, v0, n_iter=n_iter, tol=tol, which="largest")
-        small, _ = norms.lanczos_extreme(hvp, v0, n_iter=n_iter, tol=tol, which="smallest")
+        big, _ = lanczos_extreme(hvp, v0, n_iter=n_iter, tol=tol, which="largest")
+        small, _ = lanczos_extreme(hvp, v0, n_iter=n_iter, tol=tol, which="smallest")
     elif method == "power":
-        lam1, _ = _power(hvp, v0.clone(), n_iter, tol)
-        other, _ = _power(hvp, v0.clone(), n_iter, tol, shift=lam1)
+        lam1, _ = power_extreme(hvp, v0.clone(), n_iter, tol)
+        other, _ = power_extreme(hvp, v0.clone(), n_iter, tol, shift=lam1)
         big, small = (lam1, lam1 + other) if lam1 >= 0 else (lam1 + other, lam1)
         if big < small:
             big, small = small, big

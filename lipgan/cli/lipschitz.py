@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 
@@ -26,7 +27,13 @@ def register(sub) -> None:
         "instead of random inputs",
     )
     p.add_argument("--samples", type=int, default=8, help="restarts of the lower-bound search")
-    p.add_argument("--lipsdp-time", type=float, default=3.0, help="seconds per LipSDP-Neuron solve")
+    p.add_argument(
+        "--lipsdp-iters",
+        type=int,
+        default=300,
+        help="first-order steps per LipSDP-Neuron solve (deterministic: no time budget)",
+    )
+    p.add_argument("--lipsdp-time", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -49,7 +56,7 @@ def _default_shape(net):
     """Vectors: the first Linear's width. Images: lipgan's models are MNIST-sized (C, 28, 28)."""
     from torch import nn
 
-    first = next((m for m in net.modules() if not isinstance(m, nn.Sequential)), None)
+    first = next((m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
     if isinstance(first, nn.Linear):
         return (first.in_features,), None
     if isinstance(first, nn.Conv2d):
@@ -60,7 +67,7 @@ def _default_shape(net):
     return None, None
 
 
-def analyse(net, input_shape=None, lower=True, data=None, samples=8, lipsdp_time=3.0, seed=0):
+def analyse(net, input_shape=None, lower=True, data=None, samples=8, lipsdp_iters=300, seed=0):
     """The report of :func:`lipgan.lipschitz.estimate` for a loaded network (used by the CLI)."""
     import torch
 
@@ -87,7 +94,7 @@ def analyse(net, input_shape=None, lower=True, data=None, samples=8, lipsdp_time
         input_shape=input_shape,
         lower=lower,
         restarts=samples,
-        lipsdp_time=lipsdp_time,
+        lipsdp_iters=lipsdp_iters,
         seed=seed,
     )
     if note:
@@ -105,7 +112,7 @@ def run(args) -> int:
         lower=not args.no_lower,
         data=args.data,
         samples=args.samples,
-        lipsdp_time=args.lipsdp_time,
+        lipsdp_iters=args.lipsdp_iters,
         seed=args.seed,
     )
     if args.json:
