@@ -120,7 +120,6 @@ class ClassifyConfig(Config):
         1, "restarts of the sampled lower bound (float64, per point)", low=0
     )
     lipsdp: bool = option(False, "add LipSDP-Neuron upper bounds (slower)")
-    lipsdp_time: float = option(3.0, "seconds LipSDP may take per layer group", above=0)
     threads: int | None = option(None, "torch threads", low=1, high=4096)
     out: str | None = option(None, "run folder to write (default: print only)")
     evaluate: bool = option(True, "measure the trained network (--no-evaluate: accuracy only)")
