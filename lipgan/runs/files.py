@@ -158,7 +158,9 @@ class FolderLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> FolderLock:
+    def acquire(self, wait: bool = False) -> FolderLock:
+        """Take the lock; with ``wait``, block until the holder lets go, else a one-line
+        LipganError naming the holder's pid."""
         if self._fd is not None:
             return self
         try:
@@ -166,7 +168,7 @@ class FolderLock:
         except OSError as exc:
             raise os_error(exc, self.path.parent) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             try:
                 owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
