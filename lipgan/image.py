@@ -9,7 +9,6 @@ bad file is one ``LipganError`` line.
 from __future__ import annotations
 
 import io
-import stat
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 
 from lipgan.errors import LipganError
-from lipgan.runs.files import atomic_write_bytes, os_error
+from lipgan.runs.files import atomic_write_bytes, os_error, regular_file
 
 #: the largest PNG file read (bytes) and the most pixels decoded: a sample grid is far smaller,
 #: and a crafted header cannot make us allocate gigabytes
@@ -105,14 +104,7 @@ def save_grid(
 
 
 def _open_png(path: Path) -> Image.Image:
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise os_error(exc, path) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise LipganError(f"{path}: not a regular file (a folder, device or pipe); pass a PNG")
-    if info.st_size > MAX_PNG_BYTES:
-        raise LipganError(f"{path}: {info.st_size} bytes; PNGs of at most {MAX_PNG_BYTES} are read")
+    regular_file(path, MAX_PNG_BYTES, "a PNG")
     try:
         data = path.read_bytes()
     except OSError as exc:

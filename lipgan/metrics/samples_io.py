@@ -7,7 +7,6 @@ and alpha is composited over black, MNIST's background.
 
 from __future__ import annotations
 
-import stat
 import zipfile
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from lipgan import image
 from lipgan.errors import LipganError
-from lipgan.runs.files import os_error
+from lipgan.runs.files import os_error, regular_file
 
 _MAX_FILES = 1_000_000
 #: the largest .npy/.npz read: 10^6 float32 28x28 images are about 3 GB
@@ -68,14 +67,7 @@ def _load_array(path: Path) -> np.ndarray:
         raise LipganError(
             f"{path}: unsupported file type; use .npy, .npz or a folder of .png files"
         )
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise os_error(exc, path) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise LipganError(f"{path}: not a regular file (a device or pipe); pass an .npy or .npz")
-    if info.st_size > _MAX_ARRAY_BYTES:
-        raise LipganError(f"{path}: {info.st_size} bytes; at most {_MAX_ARRAY_BYTES} are read")
+    regular_file(path, _MAX_ARRAY_BYTES, "an .npy or .npz file")
     try:
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)

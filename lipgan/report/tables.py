@@ -16,24 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lipgan.errors import LipganError
-from lipgan.runs.folder import RunFolder, expand_paths, is_run_folder
-
-__all__ = [
-    "COST_COLUMNS",
-    "EVAL_KEYS",
-    "MARKDOWN_COLUMNS",
-    "SUMMARY_COLUMNS",
-    "RunView",
-    "compare_order",
-    "expand_paths",
-    "group_by_method",
-    "is_run_folder",
-    "load_run",
-    "markdown_summary",
-    "mean_std",
-    "run_row",
-    "summarize",
-]
+from lipgan.runs.folder import RunFolder, expand_paths
 
 #: eval.json keys in table order, with their headers and whether lower is better.
 EVAL_KEYS: tuple[tuple[str, str, str], ...] = (

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -88,6 +89,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> int:
+    """The size of ``path`` after checking that it is a regular file (not a folder, device or
+    pipe: a link to /dev/zero would read forever) of at most ``max_bytes``; else one line."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise os_error(exc, path) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise LipganError(f"{path}: not a regular file (a folder, device or pipe); pass {what}")
+    if info.st_size > max_bytes:
+        raise LipganError(f"{path}: {info.st_size} bytes; {what} of at most {max_bytes} are read")
+    return info.st_size
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
