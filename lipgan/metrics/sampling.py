@@ -15,6 +15,7 @@ import torch
 
 from lipgan.errors import LipganError
 from lipgan.runs import RunFolder, load_network
+from lipgan.runs.files import check_writable
 
 #: the most samples generated and scored (FID is compared at a fixed N; the docs use 10000)
 MAX_N = 200_000
@@ -97,6 +98,8 @@ def evaluate_run(
     path = Path(path)
     if not path.exists():
         raise LipganError(f"{path}: no such run folder or file")
+    if path.is_dir():
+        check_writable(path)  # eval.json is written after the work: fail before it
     dataset = dataset or run_dataset(path) or "mnist"
     gen = load_network(path, "generator")
     x = generate(gen, n, seed=seed, batch_size=batch_size, device=device)

@@ -53,6 +53,20 @@ def make_dirs(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` and prove a file can be created in it (a temporary file, removed at
+    once), so a command that writes only after minutes of work fails before them. Root ignores
+    file modes, so ``os.access`` would say yes where a read-only mount says no."""
+    folder = make_dirs(folder)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".probe.", suffix=PART_SUFFIX)
+    except OSError as exc:
+        raise os_error(exc, folder) from None
+    os.close(fd)
+    os.unlink(tmp)
+    return folder
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, then
     ``os.replace`` (atomic on POSIX). On any failure (a full disk included) the temporary file is
