@@ -97,10 +97,16 @@ class Manifest:
         sha = sha256_bytes(data)
         valid = [entry.get("sha256"), *(entry.get("also") or [])]
         if sha not in valid:
+            size = entry.get("size")
+            how = (
+                f"the file is truncated: {len(data)} of {size} bytes"
+                if isinstance(size, int) and len(data) < size
+                else f"sha256 {sha[:12]}…, {self.path.name} says {str(entry.get('sha256'))[:12]}…"
+            )
             raise LipganError(
                 f"{file}: checksum mismatch, the file was changed or corrupted after lipgan wrote "
-                f"it (sha256 {sha[:12]}…, {self.path.name} says {str(entry.get('sha256'))[:12]}…);"
-                " restore it from a copy, or resume from another checkpoint in checkpoints/"
+                f"it ({how}); restore it from a copy, or resume from another checkpoint in "
+                "checkpoints/"
             )
         return True
 
