@@ -369,33 +369,6 @@ def _check_settings(cfg: CompareConfig, variants: Sequence[Variant], out: Path) 
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_run(path: Path, *, n: int, dataset: str, device: str | None = None) -> dict:
-    """Generate ``n`` samples from the run's generator (z ~ N(0, I), latent seed 0 for every run,
-    so runs are scored on the same draws) and write ``eval.json`` with ``lipgan.metrics``."""
-    import torch
-
-    from lipgan import metrics
-    from lipgan.train import device as devices
-
-    run = RunFolder(path)
-    gen = run.load_export("generator")
-    z_dim = getattr(gen, "z_dim", None)
-    if not isinstance(z_dim, int):
-        raise LipganError(f"{path}: the generator has no integer z_dim; cannot sample it")
-    dev = devices.resolve_device(device or "auto")
-    gen = gen.to(dev).eval()
-    g = torch.Generator().manual_seed(0)
-    parts = []
-    with torch.no_grad():
-        for start in range(0, n, 500):
-            z = torch.randn(min(500, n - start), z_dim, generator=g)
-            parts.append(gen(z.to(dev)).float().cpu())
-    res = metrics.evaluate(torch.cat(parts), dataset=dataset, n=n)
-    with run:
-        run.write_eval(res)
-    return res
-
-
 def _needs_eval(path: Path, n: int) -> bool:
     return (RunFolder(path).read_eval() or {}).get("n") != n
 
@@ -518,9 +491,11 @@ def _run_cell(
         )
     if can_eval and _evaluable(cell, cfg):
         t0 = time.perf_counter()
-        res = evaluate_run(
-            cell.path, n=cfg.eval_n, dataset=cfg.dataset or "mnist", device=cfg.device
-        )
+        from lipgan.metrics import sampling
+        from lipgan.train.device import resolve_device
+
+        device = resolve_device(cfg.device or "auto")
+        res = sampling.evaluate_run(cell.path, n=cfg.eval_n, dataset=cfg.dataset, device=device)
         took = time.perf_counter() - t0
         ctx.log(f"{tag}: FID {res['fid']:.2f} (n {cfg.eval_n}, evaluated in {took:.0f} s)")
 
