@@ -516,7 +516,7 @@ def test_jobs_ctrl_c_interrupts_the_workers(tmp_path, monkeypatch):
 
 
 def test_variants_and_a_registry_method_are_compared(tmp_path):
-    """Config variants of one method side by side (what scripts/frobenius_sweep.sh did), next
+    """Config variants of one method side by side (what a bash sweep once did), next
     to a method that is a constraint name and no preset (bjorck)."""
     variants = [
         Variant("sn-w8", {"method": "sn"}),
