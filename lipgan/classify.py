@@ -28,7 +28,8 @@ from torch import nn
 
 from lipgan import lipschitz, sensitivity, smoothness
 from lipgan.errors import LipganError
-from lipgan.runs import Export, RunFolder, atomic_write_text, read_text
+from lipgan.runs import Export, RunFolder, atomic_write_text
+from lipgan.runs.files import read_text
 from lipgan.train.classifier import (  # noqa: F401  (the trainer's public names, here too)
     Trained,
     build_model,

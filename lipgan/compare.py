@@ -39,7 +39,8 @@ from pathlib import Path
 from lipgan.errors import LipganError
 from lipgan.experiments import sweep
 from lipgan.experiments.sweep import Cell, Context, Variant
-from lipgan.runs import FolderLock, RunFolder, atomic_write_text, make_dirs, read_text
+from lipgan.runs import FolderLock, RunFolder, atomic_write_text, make_dirs
+from lipgan.runs.files import read_text
 
 #: The methods compared by default: one per way of making the critic Lipschitz, plus the
 #: unconstrained non-saturating GAN as the control (sagan differs in architecture and loss too,
