@@ -304,3 +304,31 @@ def test_reg_names_are_the_shared_vocabulary():
     names = method_names()
     assert {"none", "l2", "frobenius", "snr", "sn", "gp"} <= set(names)
     assert set(constraints.available()) <= set(names)
+
+
+def test_a_registered_user_constraint_is_a_method(mnist):
+    """A constraint registered by name trains through the protocol alone: its penalty is seen
+    every step, finalize once, and the config records its name."""
+    from lipgan import constraints
+
+    calls = {"penalty": 0, "finalize": 0}
+
+    class Shrink(constraints.Constraint):
+        name = "test-shrink"
+
+        def __init__(self, lam: float = 1.0) -> None:
+            super().__init__()
+            self.lam = lam
+
+        def penalty(self, critic, real, fake=None, *, generator=None, shard=None):
+            calls["penalty"] += 1
+            return self.lam * sum(p.square().sum() for p in critic.parameters())
+
+        def finalize(self, module) -> None:
+            calls["finalize"] += 1
+
+    constraints.register("test-shrink")(Shrink)
+    cfg = ClassifyConfig(reg="test-shrink", reg_options={"lam": 1e-3}, **{**QUICK, "epochs": 1})
+    tr = train(cfg, log=None)
+    assert calls == {"penalty": 8, "finalize": 1}  # 500 images in batches of 64
+    assert tr.history[0]["penalty"] > 0
