@@ -28,20 +28,10 @@ def register(sub) -> None:
         ),
     )
     add_flags(p, ClassifyConfig, exclude=("eps",), defaults=_DEFAULTS)
-    p.add_argument(
-        "--eps",
-        type=float,
-        nargs="+",
-        default=argparse.SUPPRESS,
-        help="L2 radii to evaluate (default 0.5 1 2)",
-    )
-    p.add_argument(
-        "--no-eval",
-        dest="evaluate",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="train and report accuracy only (as --no-evaluate)",
-    )
+    unset = argparse.SUPPRESS  # not in the namespace unless given: from_args knows what was set
+    p.add_argument("--eps", type=float, nargs="+", default=unset, help="L2 radii (default 0.5 1 2)")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false", default=unset,
+                   help="train and report accuracy only (as --no-evaluate)")  # fmt: skip
     p.add_argument(
         "--reevaluate",
         metavar="RUN",
