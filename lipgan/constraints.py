@@ -1,23 +1,39 @@
-"""Every way of making a network Lipschitz, behind one small interface.
+"""Every way of making a network Lipschitz, behind one small, public protocol.
 
-A method is an object the trainers call at three points, each doing nothing where the method has
-nothing to do there:
+A method is a :class:`Constraint`; trainers call it at these points, each doing nothing where the
+method has nothing to do there:
 
 - ``attach(module)``: change the module once (spectral normalization registers a
   parametrization) and return it;
-- ``penalty(critic, real, fake)``: a scalar added to the critic's (or classifier's) loss, or
-  ``None``; classifier trainers pass ``fake=None``;
-- ``after_step(module)``: act after each optimizer step (weight clipping, projections).
+- ``penalty(critic, real, fake, *, generator, shard)``: a scalar added to the critic's (or
+  classifier's) loss, or ``None``; classifier trainers pass ``fake=None``. Every random number it
+  draws comes from ``generator`` (a ``torch.Generator`` on the batch's device; ``None``: torch's
+  global RNG), per sample through :func:`per_sample_rand` so that data-parallel ranks draw the
+  one-process values of their rows (``shard``);
+- ``after_step(module)``: act after each optimizer step (weight clipping, projections);
+- ``finalize(module)``: make the constraint hold exactly before the module is bounded or
+  exported (converge spectral normalization's power iterations);
+- ``state_dict(module)`` / ``load_state_dict(module, state)``: what the method keeps about the
+  module outside ``module.state_dict()`` (kept power-iteration vectors, whether a
+  parametrization must iterate at its next forward), so a resume continues bit for bit;
+- ``needs_input_grad``: whether ``penalty`` differentiates through gradients with respect to the
+  input (a double backward): such a critic is never ``torch.compile``-d;
+- ``spec()``: ``{"name": registry name, "options": {...}}``, recorded in a run's config and
+  checkpoint; :func:`from_spec` (``get(name, **options)``) rebuilds the method on resume.
 
 Methods are made by name with their papers' defaults through :func:`get`; users add their own with
-:func:`register`. A list of methods acts as one (:class:`Compose`).
+:func:`register` (the name is then what ``spec()`` records). A list of methods acts as one
+(:class:`Compose`).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,8 +42,71 @@ from lipgan import layers as _layers
 from lipgan.errors import LipganError
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Where a batch sits in a larger one: rows ``index`` of a global batch of ``total`` rows
+    (data parallelism: each rank holds a slice of the global batch)."""
+
+    index: slice
+    total: int
+
+
+def per_sample_rand(
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    shard: Shard | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``n`` draws of ``U[0, 1)``, one per sample, shape ``(n,)``.
+
+    With a ``shard``, the draw is made for the whole global batch (``shard.total`` values, the
+    ones a single process draws) and the shard's rows are returned: every rank then uses the
+    one-process numbers of its rows, and every rank's generator advances alike.
+    """
+    total = n if shard is None else shard.total
+    u = torch.rand(total, device=device, dtype=dtype, generator=generator)
+    return u if shard is None else u[shard.index]
+
+
+def _spec_options(obj: Any) -> dict:
+    """The ``__init__`` keyword arguments of ``obj`` read back from its attributes of the same
+    names (how lipgan's methods keep them); a missing one is a LipganError."""
+    out = {}
+    for p in inspect.signature(type(obj).__init__).parameters.values():
+        if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if not hasattr(obj, p.name):
+            raise LipganError(
+                f"{type(obj).__name__}.spec(): no attribute {p.name!r} to record its option; "
+                "keep each __init__ argument as an attribute of that name, or override spec()"
+            )
+        out[p.name] = getattr(obj, p.name)
+    return out
+
+
+def _parametrization_state(module: nn.Module) -> dict:
+    """Whether each spectral-norm parametrization of ``module`` must iterate at its next training
+    forward (not in ``module.state_dict()``; a fresh one always iterates, so without it a
+    resume would add one power-iteration step)."""
+    flags = [bool(p._stale) for p in _layers.spectral_norm_parametrizations(module)]
+    return {"stale": flags} if flags else {}
+
+
+def _load_parametrization_state(module: nn.Module, state: dict) -> None:
+    flags = iter(state.get("stale", []))
+    for layer in _layers.weight_layers(module):
+        plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
+        for p in plist or []:
+            if isinstance(p, _layers.SpectralNormParametrization):
+                p._stale = next(flags, True)
+                # the weights were just loaded: their current version counts as seen
+                p._seen_version = plist.original._version
+
+
 class Constraint:
-    """Base class: a method that does nothing at every point.
+    """Base class: a method that does nothing at every point (the ``none`` method).
 
     ``last_grad_norm`` holds the per-sample gradient norms (shape ``(B,)``, detached) of the last
     penalty evaluation for methods that compute them, so the trainer can log the critic's
@@ -37,6 +116,8 @@ class Constraint:
     name: str = "none"
     #: added to the optimizer's ``weight_decay`` by the trainers (the ``l2`` method uses it)
     weight_decay: float = 0.0
+    #: ``penalty`` differentiates through input gradients (double backward): no torch.compile
+    needs_input_grad: bool = False
 
     def __init__(self) -> None:
         self.last_grad_norm: torch.Tensor | None = None
@@ -45,12 +126,34 @@ class Constraint:
         return module
 
     def penalty(
-        self, critic: nn.Module, real: torch.Tensor, fake: torch.Tensor | None = None
+        self,
+        critic: nn.Module,
+        real: torch.Tensor,
+        fake: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        shard: Shard | None = None,
     ) -> torch.Tensor | None:
         return None
 
     def after_step(self, module: nn.Module) -> None:
         return None
+
+    def finalize(self, module: nn.Module) -> None:
+        """Converge the module's spectral-norm power iterations (a no-op without them)."""
+        if _layers.spectral_norm_parametrizations(module):
+            _layers.converge_spectral_norms(module)
+
+    def state_dict(self, module: nn.Module) -> dict:
+        """Tensors, numbers and lists only (a ``weights_only`` checkpoint loads them)."""
+        return _parametrization_state(module)
+
+    def load_state_dict(self, module: nn.Module, state: dict) -> None:
+        _load_parametrization_state(module, state or {})
+
+    def spec(self) -> dict:
+        """``{"name": ..., "options": {...}}``: ``get(name, **options)`` rebuilds this method."""
+        return {"name": self.name, "options": _spec_options(self)}
 
     def __repr__(self) -> str:
         fields = ", ".join(
@@ -66,19 +169,19 @@ class Compose(Constraint):
 
     name = "compose"
 
-    def __init__(self, methods: Iterable[Constraint]) -> None:
+    def __init__(self, methods: Iterable[Constraint | dict | str]) -> None:
         super().__init__()
-        self.methods = list(methods)
+        self.methods = [m if isinstance(m, Constraint) else from_spec(m) for m in methods]
 
     def attach(self, module: nn.Module) -> nn.Module:
         for m in self.methods:
             module = m.attach(module)
         return module
 
-    def penalty(self, critic, real, fake=None):
+    def penalty(self, critic, real, fake=None, *, generator=None, shard=None):
         total = None
         for m in self.methods:
-            p = m.penalty(critic, real, fake)
+            p = m.penalty(critic, real, fake, generator=generator, shard=shard)
             if p is not None:
                 total = p if total is None else total + p
             if m.last_grad_norm is not None:
@@ -89,18 +192,42 @@ class Compose(Constraint):
     def weight_decay(self) -> float:  # type: ignore[override]
         return sum(m.weight_decay for m in self.methods)
 
+    @property
+    def needs_input_grad(self) -> bool:  # type: ignore[override]
+        return any(m.needs_input_grad for m in self.methods)
+
     def after_step(self, module: nn.Module) -> None:
         for m in self.methods:
             m.after_step(module)
 
+    def finalize(self, module: nn.Module) -> None:
+        for m in self.methods:
+            m.finalize(module)
 
-_REGISTRY: dict[str, Callable[..., Constraint]] = {"none": Constraint}
+    def state_dict(self, module: nn.Module) -> dict:
+        return {"methods": [m.state_dict(module) for m in self.methods]}
+
+    def load_state_dict(self, module: nn.Module, state: dict) -> None:
+        for m, s in zip(self.methods, (state or {}).get("methods", [])):
+            m.load_state_dict(module, s)
+
+    def spec(self) -> dict:
+        return {"name": "compose", "options": {"methods": [m.spec() for m in self.methods]}}
+
+
+_REGISTRY: dict[str, Callable[..., Constraint]] = {"none": Constraint, "compose": Compose}
 
 
 def register(name: str) -> Callable:
-    """Decorator adding a constraint factory to the registry under ``name``."""
+    """Decorator adding a constraint factory (usually a :class:`Constraint` subclass) to the
+    registry under ``name``; a subclass without its own ``name`` gets this one, so its
+    ``spec()`` records it and a resumed run rebuilds it."""
 
     def deco(factory: Callable[..., Constraint]) -> Callable[..., Constraint]:
+        if name in _REGISTRY and _REGISTRY[name] is not factory and name in ("none", "compose"):
+            raise LipganError(f"{name!r} is a built-in constraint name; choose another")
+        if isinstance(factory, type) and "name" not in vars(factory):
+            factory.name = name
         _REGISTRY[name] = factory
         return factory
 
@@ -108,8 +235,8 @@ def register(name: str) -> Callable:
 
 
 def available() -> list[str]:
-    """Names :func:`get` accepts."""
-    return sorted(_REGISTRY)
+    """Names :func:`get` accepts (``compose`` aside: a list or comma-separated names)."""
+    return sorted(n for n in _REGISTRY if n != "compose")
 
 
 def get(name: str | Constraint | Iterable, **overrides) -> Constraint:
@@ -134,8 +261,40 @@ def get(name: str | Constraint | Iterable, **overrides) -> Constraint:
         )
     try:
         return _REGISTRY[name](**overrides)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise LipganError(f"bad option for method {name!r}: {exc}") from None
+
+
+def from_spec(spec: dict | str) -> Constraint:
+    """The method a :meth:`Constraint.spec` describes (a bare name: its defaults)."""
+    if isinstance(spec, str):
+        return get(spec)
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise LipganError(f"not a constraint spec (a mapping with name and options): {spec!r}")
+    options = spec.get("options") or {}
+    if not isinstance(options, dict):
+        raise LipganError(f"constraint {spec['name']!r}: options must be a mapping: {options!r}")
+    return get(spec["name"], **options)
+
+
+def checked_spec(constraint: Constraint) -> dict:
+    """``constraint.spec()``, checked to rebuild an object of the same class through the
+    registry (else a run could not be resumed as itself): a LipganError says to register it."""
+    try:
+        spec = constraint.spec()
+        rebuilt = from_spec(spec)
+    except LipganError as exc:
+        raise LipganError(
+            f"constraint {constraint!r} cannot be recorded: {exc}; register its class with "
+            "lipgan.constraints.register(NAME)"
+        ) from None
+    if type(rebuilt) is not type(constraint):
+        raise LipganError(
+            f"constraint {type(constraint).__name__} records itself as {spec['name']!r}, which "
+            f"builds a {type(rebuilt).__name__}; register its class under its own name with "
+            "lipgan.constraints.register(NAME)"
+        )
+    return spec
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +354,7 @@ class GradientPenalty(Constraint):
     """
 
     name = "gradient-penalty"
+    needs_input_grad = True
 
     def __init__(self, lam: float = 10.0) -> None:
         super().__init__()
@@ -204,7 +364,14 @@ class GradientPenalty(Constraint):
     def _shape_penalty(self, norm: torch.Tensor) -> torch.Tensor:
         return (norm - 1.0).square()
 
-    def interpolate(self, real: torch.Tensor, fake: torch.Tensor | None) -> torch.Tensor:
+    def interpolate(
+        self,
+        real: torch.Tensor,
+        fake: torch.Tensor | None,
+        *,
+        generator: torch.Generator | None = None,
+        shard: Shard | None = None,
+    ) -> torch.Tensor:
         """``a_i real_i + (1 - a_i) fake_i``, one ``a_i`` per sample; detached inputs."""
         real = real.detach()
         if fake is None:
@@ -215,13 +382,13 @@ class GradientPenalty(Constraint):
                 f"real and fake batches must have one shape for the penalty; got "
                 f"{tuple(real.shape)} and {tuple(fake.shape)}"
             )
-        alpha = torch.rand(
-            (real.shape[0],) + (1,) * (real.dim() - 1), device=real.device, dtype=real.dtype
+        alpha = per_sample_rand(
+            real.shape[0], generator=generator, shard=shard, device=real.device, dtype=real.dtype
         )
-        return torch.lerp(fake, real, alpha)
+        return torch.lerp(fake, real, alpha.view((-1,) + (1,) * (real.dim() - 1)))
 
-    def penalty(self, critic, real, fake=None):
-        x = self.interpolate(real, fake).requires_grad_(True)
+    def penalty(self, critic, real, fake=None, *, generator=None, shard=None):
+        x = self.interpolate(real, fake, generator=generator, shard=shard).requires_grad_(True)
         batch = x.shape[0]
         with torch.enable_grad():
             out = critic(x)
@@ -234,7 +401,10 @@ class GradientPenalty(Constraint):
             if out.shape[1] == 1:
                 probe = torch.ones_like(out)
             else:
-                probe = torch.nn.functional.normalize(torch.randn_like(out, dtype=torch.float32))
+                noise = torch.randn(
+                    out.shape, device=out.device, dtype=torch.float32, generator=generator
+                )
+                probe = torch.nn.functional.normalize(noise)
                 probe = probe.to(out.dtype)
             (grad,) = torch.autograd.grad(out, x, grad_outputs=probe, create_graph=True)
         with torch.autocast(device_type=grad.device.type, enabled=False):
@@ -405,6 +575,18 @@ class SpectralNormRegularizer(Constraint):
             self._power.step(layer, 0)
         return module
 
+    def state_dict(self, module: nn.Module) -> dict:
+        """The kept (u, v) of each weight layer, by position in ``weight_layers(module)``."""
+        kept = self._power._state
+        power = [list(kept[m]) if m in kept else [] for m in _layers.weight_layers(module)]
+        return {**super().state_dict(module), "power": power}
+
+    def load_state_dict(self, module: nn.Module, state: dict) -> None:
+        super().load_state_dict(module, state)
+        for layer, uv in zip(_layers.weight_layers(module), (state or {}).get("power", [])):
+            if uv:
+                self._power._state[layer] = tuple(t.to(layer.weight.device) for t in uv)
+
     def sigmas(self, module: nn.Module) -> list[torch.Tensor]:
         """Differentiable ``sigma_l = u^T W_mat v`` of every layer, after one power step."""
         out = []
@@ -414,7 +596,7 @@ class SpectralNormRegularizer(Constraint):
             out.append(torch.dot(u, m @ v))
         return out
 
-    def penalty(self, critic, real=None, fake=None):
+    def penalty(self, critic, real=None, fake=None, *, generator=None, shard=None):
         sig = self.sigmas(critic)
         if not sig:
             return None
@@ -440,7 +622,7 @@ class FrobeniusRegularizer(Constraint):
         self.lam = float(lam)
         self.form = _check_form(form)
 
-    def penalty(self, critic, real=None, fake=None):
+    def penalty(self, critic, real=None, fake=None, *, generator=None, shard=None):
         ws = [layer.weight for layer in _layers.weight_layers(critic)]
         if not ws:
             return None

@@ -17,17 +17,20 @@ Cells whose ``results.json`` exists are not run again, so an interrupted study r
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from lipgan.errors import LipganError
+from lipgan.experiments import sweep
+from lipgan.experiments.sweep import Cell, Context, Variant
+from lipgan.runs import atomic_write_text
+from lipgan.train.config import Config, option
 
 # Strengths swept per regularizer (None: the method has no strength). l2 is weight decay wd and
 # frobenius adds lam*||W||_F^2 with gradient 2*lam*W, so frobenius at wd/2 is l2 on the weights
@@ -43,56 +46,44 @@ DEFAULT_GRID: dict[str, list[float | None]] = {
 
 
 @dataclass
-class StudyConfig:
-    """Options of ``lipgan study generalization``."""
+class StudyConfig(Config):
+    """Options of ``lipgan study generalization``; each field is one CLI flag."""
 
-    out: str = "runs/study-generalization"
-    seeds: int = 3
-    train_subset: int = 5000
-    model: str = "mlp"
-    epochs: int = 20
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    regs: list[str] = field(default_factory=lambda: list(DEFAULT_GRID))
-    eval_n: int = 1000
-    workers: int = 2  # one thread each: the two cores of the reference machine
-    grid: dict | None = None  # {reg: [lam, ...]}; None: DEFAULT_GRID restricted to ``regs``
-    overrides: dict = field(default_factory=dict)  # other ClassifyConfig fields for every cell
+    out: str = option("runs/study-generalization", "study folder (cells/, CSVs, plots, study.md)")
+    seeds: int = option(3, "seeds per (regularizer, strength): 0..N-1", low=1, high=1000)
+    train_subset: int = option(5000, "training images per cell (0 = all)", low=0)
+    model: str = option("mlp", "mlp or cnn")
+    epochs: int = option(20, "epochs per cell", low=1)
+    dataset: str = option("mnist", "mnist, fashion-mnist or a folder of IDX files")
+    data_dir: str | None = option(None, "read the four IDX files from this folder")
+    regs: list = option(list(DEFAULT_GRID), "regularizers (classify --reg names)", flag=False)
+    eval_n: int = option(1000, "test images for the robustness checks", low=1)
+    # one thread per cell: the two cores of the reference machine
+    jobs: int = option(2, "cells at a time, one thread each", low=1, flag=False)
+    grid: dict | None = option(None, "{reg: [lam, ...]}; None: DEFAULT_GRID", flag=False)
+    overrides: dict = option({}, "any other classify field for every cell, e.g. width=64")
 
-    def cells(self) -> list[dict]:
-        """The classify options of every cell, in a stable order."""
-        from lipgan.classify import REGULARIZERS
+    def variants(self) -> list[Variant]:
+        """One variant per (regularizer, strength): ``snr_lam0.01: {reg: snr, lam: 0.01}``."""
+        from lipgan.train.classifier_config import preset
 
-        grid = self.grid if self.grid is not None else DEFAULT_GRID
-        unknown = [r for r in self.regs if r not in REGULARIZERS]
-        if unknown:
-            raise LipganError(
-                f"unknown regularizer(s) {', '.join(unknown)}; use {', '.join(REGULARIZERS)}"
-            )
-        if self.seeds < 1:
-            raise LipganError(f"--seeds must be >= 1, got {self.seeds}")
-        if self.workers < 1:
-            raise LipganError(f"--workers must be >= 1, got {self.workers}")
-        out = []
         for reg in self.regs:
-            for lam in grid.get(reg, DEFAULT_GRID.get(reg, [None])):
-                for seed in range(self.seeds):
-                    out.append(
-                        {
-                            "reg": reg,
-                            "lam": lam,
-                            "seed": seed,
-                            "name": cell_name(reg, lam, seed),
-                        }
-                    )
-        return out
+            preset(reg)  # an unknown name is refused here
+        grid = self.grid if self.grid is not None else DEFAULT_GRID
+        return [
+            Variant(reg + ("" if lam is None else f"_lam{lam:g}"), {"reg": reg, "lam": lam})
+            for reg in self.regs
+            for lam in grid.get(reg, DEFAULT_GRID.get(reg, [None]))
+        ]
+
+    def cells(self) -> list[Cell]:
+        """Every variant x seed, in a stable order, each in ``OUT/cells/<variant>_s<seed>``."""
+        return sweep.grid(
+            self.variants(), self.seeds, Path(self.out) / "cells", "{variant}_s{seed}"
+        )
 
 
-def cell_name(reg: str, lam: float | None, seed: int) -> str:
-    return f"{reg}" + ("" if lam is None else f"_lam{lam:g}") + f"_s{seed}"
-
-
-def _classify_config(study: StudyConfig, cell: dict):
+def _classify_config(study: StudyConfig, cell: Cell):
     from lipgan.classify import ClassifyConfig
 
     opts = dict(
@@ -101,27 +92,32 @@ def _classify_config(study: StudyConfig, cell: dict):
         data_dir=study.data_dir,
         train_subset=study.train_subset,
         epochs=study.epochs,
-        reg=cell["reg"],
-        lam=0.0 if cell["lam"] is None else cell["lam"],
-        seed=cell["seed"],
+        reg=cell.options["reg"],
+        lam=0.0 if cell.options["lam"] is None else cell.options["lam"],
+        seed=cell.seed,
         eval_n=study.eval_n,
         threads=1,  # small nets: one thread per cell is the fastest use of a core
-        out=str(Path(study.out) / "cells" / cell["name"]),
+        out=str(cell.path),
     )
     opts.update(study.overrides)
     return ClassifyConfig.from_dict(opts)
 
 
-def _run_cell(args: tuple) -> tuple[str, float]:
-    study, cell, again = args
+def _finished(cell: Cell) -> bool:
+    return (cell.path / "results.json").is_file()
+
+
+def _run_cell(cell: Cell, tag: str, ctx: Context, *, study: StudyConfig) -> float:
+    """One cell: a classify run (a cell killed before its results is trained again), or with
+    action ``reevaluate`` its measurements again; returns its wall time."""
     from lipgan.classify import reevaluate, run
 
     t = time.perf_counter()
-    if again:
-        reevaluate(Path(study.out) / "cells" / cell["name"])
+    if cell.action == "reevaluate":
+        reevaluate(cell.path)
     else:
-        run(_classify_config(study, cell), log=None)
-    return cell["name"], time.perf_counter() - t
+        run(_classify_config(study, cell), log=None, overwrite=cell.path.exists())
+    return time.perf_counter() - t
 
 
 def run_study(
@@ -135,40 +131,29 @@ def run_study(
     ``reevaluate``: measure the finished cells again (no training) instead of running new ones.
     """
     out = Path(study.out)
-    out.mkdir(parents=True, exist_ok=True)
     cells = study.cells()
-    done = [c for c in cells if (out / "cells" / c["name"] / "results.json").is_file()]
-    todo = done if reevaluate else [c for c in cells if c not in done]
-    if log:
-        verb = "to measure again" if reevaluate else "to run"
-        log(f"study: {len(cells)} cells, {len(done)} already done, {len(todo)} {verb}")
+    out.mkdir(parents=True, exist_ok=True)
+    done = [c for c in cells if _finished(c)]
+    todo = done if reevaluate else [c for c in cells if not _finished(c)]
+    for c in todo:
+        c.action = "reevaluate" if reevaluate else "train"
+    say = log or (lambda msg: None)
+    verb = "to measure again" if reevaluate else "to run"
+    say(f"study: {len(cells)} cells, {len(done)} already done, {len(todo)} {verb}")
     t0 = time.perf_counter()
-    if study.workers == 1 or len(todo) <= 1:
-        for i, cell in enumerate(todo):
-            name, s = _run_cell((study, cell, reevaluate))
-            if log:
-                log(
-                    f"[{i + 1}/{len(todo)}] {name}  {s:.1f}s  "
-                    f"(elapsed {time.perf_counter() - t0:.0f}s)"
-                )
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    count = iter(range(1, len(todo) + 1))
 
-        ctx = mp.get_context("spawn")  # no forked torch thread pools
-        with ProcessPoolExecutor(study.workers, mp_context=ctx) as pool:
-            futs = [pool.submit(_run_cell, (study, c, reevaluate)) for c in todo]
-            for i, f in enumerate(as_completed(futs)):
-                name, s = f.result()
-                if log:
-                    log(
-                        f"[{i + 1}/{len(todo)}] {name}  {s:.1f}s  "
-                        f"(elapsed {time.perf_counter() - t0:.0f}s)"
-                    )
-    run_s = time.perf_counter() - t0
-    meta = gather(study, run_s=None if reevaluate else run_s, command=command)
-    if log:
-        log(f"study: wrote {out / 'study.md'} ({run_s:.0f}s for {len(todo)} cells)")
+    def progress(cell: Cell, seconds: float, unfinished) -> None:
+        say(
+            f"[{next(count)}/{len(todo)}] {cell.name}  {seconds:.1f}s  "
+            f"(elapsed {time.perf_counter() - t0:.0f}s)"
+        )
+
+    ran = sweep.run_cells(
+        todo, partial(_run_cell, study=study), jobs=study.jobs, threads=1, on_done=progress
+    )
+    meta = gather(study, run_s=None if reevaluate else ran.wall_s, command=command)
+    say(f"study: wrote {out / 'study.md'} ({ran.wall_s:.0f}s for {len(todo)} cells)")
     return meta
 
 
@@ -178,11 +163,10 @@ def run_study(
 def _load_rows(study: StudyConfig) -> list[dict]:
     rows = []
     for cell in study.cells():
-        path = Path(study.out) / "cells" / cell["name"] / "results.json"
-        if not path.is_file():
+        if not _finished(cell):
             continue
-        res = json.loads(path.read_text())
-        row = {"name": cell["name"], "reg": cell["reg"], "lam": cell["lam"], "seed": cell["seed"]}
+        res = json.loads((cell.path / "results.json").read_text())
+        row = {"name": cell.name, **cell.options, "seed": cell.seed}
         row["train_s"] = res["train_s"]
         row["wall_s"] = res["wall_s"]
         row.update(res["summary"])
@@ -214,21 +198,6 @@ def aggregate(rows: list[dict]) -> list[dict]:
             agg[k], agg[f"{k}_std"] = m, s
         out.append(agg)
     return out
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
-    os.replace(tmp, path)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -290,8 +259,8 @@ def gather(study: StudyConfig, run_s: float | None = None, command: str | None =
     if not rows:
         raise LipganError(f"{out}: no finished cells to gather")
     agg = aggregate(rows)
-    _write_csv(out / "cells.csv", rows)
-    _write_csv(out / "summary.csv", agg)
+    sweep.write_table(out / "cells.csv", rows)
+    sweep.write_table(out / "summary.csv", agg)
     corr = correlations(rows)
     plots = _plots(out, rows, agg)
     meta = {
@@ -308,8 +277,8 @@ def gather(study: StudyConfig, run_s: float | None = None, command: str | None =
     if run_s is None and prev.is_file():  # re-gathering keeps the measured wall time
         old = json.loads(prev.read_text())
         meta["run_s"], meta["command"] = old.get("run_s"), old.get("command")
-    (out / "study.json").write_text(json.dumps(meta, indent=2))
-    (out / "study.md").write_text(markdown(agg, corr, meta))
+    atomic_write_text(out / "study.json", json.dumps(meta, indent=2))
+    atomic_write_text(out / "study.md", markdown(agg, corr, meta))
     return meta
 
 
@@ -398,6 +367,7 @@ def markdown(agg: list[dict], corr: dict, meta: dict) -> str:
 
 # --------------------------------------------------------------------------- plots
 
+#: colours of the default regularizers; any other gets the next colour of matplotlib's cycle
 _COLORS = {
     "none": "black",
     "l2": "tab:blue",
@@ -415,7 +385,8 @@ def _plots(out: Path, rows: list[dict], agg: list[dict]) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    regs = sorted({r["reg"] for r in rows}, key=lambda r: list(_COLORS).index(r))
+    regs = list(dict.fromkeys(r["reg"] for r in rows))  # the study's order
+    colors = {reg: _COLORS.get(reg, f"C{i % 10}") for i, reg in enumerate(regs)}
 
     for fname, ykey, ylabel in (
         ("gap_vs_bound.png", "gap_acc", "generalization gap (train − test accuracy)"),
@@ -428,7 +399,7 @@ def _plots(out: Path, rows: list[dict], agg: list[dict]) -> list[str]:
                 [r["upper_guaranteed"] for r in rs],
                 [r[ykey] for r in rs],
                 label=reg,
-                color=_COLORS.get(reg),
+                color=colors[reg],
                 s=18,
             )
         ax.set_xscale("log")
@@ -456,7 +427,7 @@ def _plots(out: Path, rows: list[dict], agg: list[dict]) -> list[str]:
                 [a[key] for a in ag],
                 yerr=[a[f"{key}_std"] for a in ag],
                 label=reg,
-                color=_COLORS.get(reg),
+                color=colors[reg],
                 marker="o",
                 capsize=3,
             )
@@ -468,7 +439,7 @@ def _plots(out: Path, rows: list[dict], agg: list[dict]) -> list[str]:
             ax.axhline(base[key], color="black", ls="--", lw=1, label="none")
         sn = next((a for a in agg if a["reg"] == "sn"), None)
         if sn is not None:
-            ax.axhline(sn[key], color=_COLORS["sn"], ls=":", lw=1, label="sn")
+            ax.axhline(sn[key], color=colors["sn"], ls=":", lw=1, label="sn")
         ax.set_xscale("log")
         ax.set_xlabel("strength λ")
         ax.set_title(title)
@@ -491,7 +462,7 @@ def _plots(out: Path, rows: list[dict], agg: list[dict]) -> list[str]:
         label = reg + ("" if best["lam"] is None else f" λ={best['lam']:g}")
         for ax, pre in zip(axes, ("gauss_acc_", "pgd_acc_", "cert_acc_")):
             ys = [best["test_acc"]] + [best[f"{pre}{e}"] for e in eps_keys]
-            ax.plot(xs, ys, marker="o", color=_COLORS.get(reg), label=label)
+            ax.plot(xs, ys, marker="o", color=colors[reg], label=label)
     for ax, title in zip(
         axes, ("Gaussian noise of L2 size ε", "L2 PGD at radius ε", "certified at radius ε")
     ):

@@ -203,12 +203,14 @@ def test_run_folder_and_export(mnist, tmp_path):
         dict(epochs=0),
         dict(train_subset=-5),
         dict(sn_mode="fft"),
+        dict(lr="fast"),
+        dict(epochs=1.5),
         dict(model="resnet"),
     ],
 )
 def test_bad_options_raise_lipgan_error(bad, mnist):
-    cfg = ClassifyConfig(**{**QUICK, **bad})
     with pytest.raises(LipganError):
+        cfg = ClassifyConfig(**{**QUICK, **bad})  # types and ranges are checked here
         if "model" in bad:
             train(cfg, log=None)
         else:
@@ -254,3 +256,79 @@ def test_cli_smoke(mnist, tmp_path, capsys):
     assert main(["classify", "--reg", "nope"]) == 2
     assert "unknown regularizer" in capsys.readouterr().err
     assert main(["classify", "--certify", "0", "--epochs", "1"]) == 2
+
+
+def test_out_holding_a_run_is_refused_unless_overwrite(mnist, tmp_path, capsys):
+    """A second classify into the same --out must not replace the first run silently."""
+    from lipgan.cli import main
+
+    out = tmp_path / "d"
+    base = ["classify", "--train-subset", "200", "--epochs", "1", "--no-eval", "--out", str(out)]
+    assert main(base) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(base + ["--reg", "l2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a classify run" in err and str(out) in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    assert main(base + ["--reg", "l2", "--overwrite"]) == 0
+    assert json.loads((out / "results.json").read_text())["config"]["reg"] == "l2"
+    # a folder of something else is never a classify run to replace
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("precious")
+    with pytest.raises(LipganError, match="not a classify run"):
+        run(ClassifyConfig(out=str(other), **QUICK), log=None, overwrite=True)
+    assert (other / "notes.txt").read_text() == "precious"
+
+
+def test_any_registry_method_trains_bjorck_orthonormal(mnist):
+    """`--reg bjorck` (a constraint name, no classifier preset): every Linear of the trained
+    network has singular values 1 (Björck orthonormalization), by torch's SVD."""
+    cfg = ClassifyConfig(reg="bjorck", reg_options={"iters": 30}, **{**QUICK, "epochs": 1})
+    tr = train(cfg, log=None)
+    for m in tr.plain:
+        if isinstance(m, nn.Linear):
+            s = torch.linalg.svdvals(m.weight.double())
+            assert float(s.max()) <= 1 + 1e-3 and float(s.min()) >= 1 - 2e-2, s
+    with pytest.raises(LipganError, match="no strength"):
+        ClassifyConfig(reg="bjorck", lam=0.1).resolved()
+    with pytest.raises(LipganError, match="bad option"):
+        ClassifyConfig(reg="bjorck", reg_options={"nope": 1}).resolved()
+
+
+def test_reg_names_are_the_shared_vocabulary():
+    from lipgan import constraints
+    from lipgan.train.classifier_config import method_names
+
+    names = method_names()
+    assert {"none", "l2", "frobenius", "snr", "sn", "gp"} <= set(names)
+    assert set(constraints.available()) <= set(names)
+
+
+def test_a_registered_user_constraint_is_a_method(mnist):
+    """A constraint registered by name trains through the protocol alone: its penalty is seen
+    every step, finalize once, and the config records its name."""
+    from lipgan import constraints
+
+    calls = {"penalty": 0, "finalize": 0}
+
+    class Shrink(constraints.Constraint):
+        name = "test-shrink"
+
+        def __init__(self, lam: float = 1.0) -> None:
+            super().__init__()
+            self.lam = lam
+
+        def penalty(self, critic, real, fake=None, *, generator=None, shard=None):
+            calls["penalty"] += 1
+            return self.lam * sum(p.square().sum() for p in critic.parameters())
+
+        def finalize(self, module) -> None:
+            calls["finalize"] += 1
+
+    constraints.register("test-shrink")(Shrink)
+    cfg = ClassifyConfig(reg="test-shrink", reg_options={"lam": 1e-3}, **{**QUICK, "epochs": 1})
+    tr = train(cfg, log=None)
+    assert calls == {"penalty": 8, "finalize": 1}  # 500 images in batches of 64
+    assert tr.history[0]["penalty"] > 0

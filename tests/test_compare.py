@@ -14,6 +14,9 @@ import torch
 from lipgan import compare, gan, report
 from lipgan.compare import CompareConfig, parse_duration, plan_runs, run_compare
 from lipgan.errors import LipganError
+from lipgan.experiments import sweep
+from lipgan.experiments.sweep import Variant
+from lipgan.train import loop
 
 # Tiny and quick: width 8, batch 16, one thread (two cores are shared by several processes; more
 # threads only fight), a 128-sample FID at the end of each run, no TensorBoard.
@@ -49,13 +52,13 @@ def _keep_threads():
 def spy(monkeypatch):
     """Record every call of the trainer: (run folder name, resume, steps)."""
     calls = []
-    real = gan.train
+    real = loop.train
 
     def train(cfg, **kw):
         calls.append((cfg.out.rsplit("/", 1)[-1], kw.get("resume", False), cfg.steps))
         return real(cfg, **kw)
 
-    monkeypatch.setattr(gan, "train", train)
+    monkeypatch.setattr(loop, "train", train)
     return calls
 
 
@@ -246,14 +249,14 @@ def test_an_interrupted_budget_run_resumes_with_the_time_it_has_left(tmp_path, m
 
     def interrupted(self, *a, **kw):
         t_start.append(1)
-        if len(t_start) == 12:
+        if len(t_start) == 4:  # early: a loaded machine may spend the budget in a dozen steps
             raise KeyboardInterrupt
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(gan.GANTrainer, "train_step", interrupted)
     cfg = tiny(
         tmp_path / "c", methods=["sn"], steps=None, budget_s=budget, evaluate=False,
-        train_options={**OPTIONS, "checkpoint_every": 5},
+        train_options={**OPTIONS, "checkpoint_every": 2},
     )  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         run_compare(cfg)
@@ -264,7 +267,7 @@ def test_an_interrupted_budget_run_resumes_with_the_time_it_has_left(tmp_path, m
     monkeypatch.setattr(gan.GANTrainer, "train_step", real_step)
     run_compare(cfg)
     st = json.loads((run / "status.json").read_text())
-    assert st["state"] == "done" and st["step"] > 10
+    assert st["state"] == "done" and st["step"] > first["step"]
     assert budget <= st["wall_s"] < budget + 120
 
 
@@ -370,8 +373,8 @@ def _resumable(cfg, method, steps, state="failed", reason="interrupted"):
     path = Path(cfg.out) / "runs" / f"{method}-seed0"
     flags = {**cfg.train_flags(), "method": method, "seed": 0, "steps": steps}
     gan.train(gan.TrainConfig.from_dict({**flags, "out": str(path), "quiet": True}))
-    run = runs.Run(path)
-    run.write_status(state, steps, cfg.steps or steps, 1.0, reason)
+    with runs.RunFolder(path) as run:
+        run.write_status(state, steps, cfg.steps or steps, 1.0, reason)
     return run
 
 
@@ -485,7 +488,7 @@ def test_jobs_ctrl_c_interrupts_the_workers(tmp_path, monkeypatch):
     import threading
     import time
 
-    monkeypatch.setattr(compare, "STOP_GRACE_S", 0.2)
+    monkeypatch.setattr(sweep, "STOP_GRACE_S", 0.2)
     cfg = tiny(tmp_path / "c", steps=100_000, jobs=2, evaluate=False)
     statuses = [p.path / "status.json" for p in plan_runs(cfg)]
 
@@ -507,3 +510,146 @@ def test_jobs_ctrl_c_interrupts_the_workers(tmp_path, monkeypatch):
         assert (st["state"], st["reason"]) == ("failed", "interrupted")
         assert st["step"] < 100_000
     assert [p.action for p in plan_runs(cfg)] == ["resume", "resume"]
+
+
+# --------------------------------------------------------------------------- variants, vocabulary
+
+
+def test_variants_and_a_registry_method_are_compared(tmp_path):
+    """Config variants of one method side by side (what a bash sweep once did), next
+    to a method that is a constraint name and no preset (bjorck)."""
+    variants = [
+        Variant("sn-w8", {"method": "sn"}),
+        Variant("sn-w12", {"method": "sn", "width": 12}),
+        # the MLP critic: on dcgan28 the trainer exports bjorck's critic before its first forward
+        Variant("bjorck", {"model": "mlp"}),
+    ]
+    cfg = tiny(tmp_path / "c", methods=[], variants=variants, steps=1, evaluate=False)
+    paths = run_compare(cfg)
+    rows = {r["run"]: r for r in _rows(paths["results"])}
+    assert sorted(rows) == ["bjorck-seed0", "sn-w12-seed0", "sn-w8-seed0"]
+    assert {r["variant"] for r in rows.values()} == {"bjorck", "sn-w8", "sn-w12"}
+    assert all(r["state"] == "done" for r in rows.values())
+    conf = {n: report.load_run(tmp_path / "c" / "runs" / n).config for n in rows}
+    assert (conf["sn-w8-seed0"]["width"], conf["sn-w12-seed0"]["width"]) == (8, 12)
+    assert conf["sn-w12-seed0"]["constraint"] == "spectral-norm"
+    assert conf["bjorck-seed0"]["constraint"] == "bjorck"
+    saved = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert saved["variants"]["sn-w12"] == {"method": "sn", "width": 12}
+    # the same name with other settings would mix unlike runs: refused, nothing trained
+    variants[1] = Variant("sn-w12", {"method": "sn", "width": 16})
+    with pytest.raises(LipganError, match="same flags"):
+        run_compare(tiny(tmp_path / "c", methods=[], variants=variants, steps=1))
+
+
+def test_methods_take_constraint_names(tmp_path):
+    """`--methods bjorck`: a constraint of the registry is a method (the WGAN-GP setup)."""
+    from lipgan.train import TrainConfig, presets
+
+    (v,) = compare._check(tiny(tmp_path / "c", methods=["bjorck"]))
+    resolved = presets.resolve(TrainConfig.from_dict(compare.variant_fields(v)))
+    assert (resolved.method, resolved.constraint, resolved.loss) == (
+        "bjorck",
+        "bjorck",
+        "wasserstein",
+    )
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_variants(monkeypatch, tmp_path):
+    from lipgan.cli import main
+
+    seen = {}
+
+    def fake(cfg):
+        seen["cfg"] = cfg
+        return {"results": tmp_path / "results.csv", "report": None}
+
+    monkeypatch.setattr(compare, "run_compare", fake)
+    vfile = tmp_path / "v.yaml"
+    vfile.write_text("w64-lam1: {method: frobenius, width: 64, constraint_options: {lam: 1}}\n")
+    argv = ["compare", "--out", str(tmp_path), "--steps", "2", "--variants", str(vfile)]
+    argv += ["--variant", "w32-b05:method=frobenius,width=32,beta1=0.5"]
+    assert main(argv) == 0
+    c = seen["cfg"]
+    assert c.methods == []  # variants given: no default methods
+    assert [(v.name, v.options) for v in c.variants] == [
+        ("w32-b05", {"method": "frobenius", "width": 32, "beta1": 0.5}),
+        ("w64-lam1", {"method": "frobenius", "width": 64, "constraint_options": {"lam": 1}}),
+    ]
+    assert main(argv + ["--methods", "gan"]) == 0 and seen["cfg"].methods == ["gan"]
+
+
+def test_variant_errors_are_one_line_before_anything_is_written(tmp_path):
+    for variants, match in (
+        ([Variant("w64", {"width": 64})], "name the method"),
+        ([Variant("x", {"method": "nope"})], "unknown method 'nope'"),
+        ([Variant("x", {"method": "sn", "seed": 3})], "set by compare"),
+        ([Variant("sn"), Variant("sn")], "given twice"),
+    ):
+        with pytest.raises(LipganError, match=match) as err:
+            run_compare(tiny(tmp_path / "c", methods=[], variants=variants))
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------- red-team findings
+
+
+def test_train_options_in_exponent_notation_are_numbers(monkeypatch, tmp_path):
+    """`--train-option lr_d=1e-4` is the learning rate 1e-4 (YAML 1.1 reads it as a string,
+    which crashed in Adam after compare.json was written)."""
+    from lipgan.cli import main
+
+    seen = {}
+    monkeypatch.setattr(compare, "run_compare", lambda cfg: seen.update(cfg=cfg) or {
+        "results": tmp_path / "r.csv", "report": None})  # fmt: skip
+    argv = ["compare", "--out", str(tmp_path / "c"), "--steps", "1"]
+    assert main(argv + ["--train-option", "lr_d=1e-4", "--train-option", "lr-g=2E-4"]) == 0
+    assert seen["cfg"].train_options == {"lr_d": 1e-4, "lr_g": 2e-4}
+    assert all(isinstance(v, float) for v in seen["cfg"].train_options.values())
+
+
+def test_a_folder_in_the_way_is_refused_not_deleted(tmp_path, capsys):
+    """OUT/runs/<method>-seed0 holding something that is not a lipgan run: compare refuses,
+    naming it, before writing compare.json; nothing in it is touched."""
+    from lipgan.cli import main
+
+    out = tmp_path / "c"
+    mine = out / "runs" / "sn-seed0"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(LipganError, match="sn-seed0 holds notes.txt and is not a lipgan run"):
+        run_compare(tiny(out, methods=["sn"]))
+    argv = ["compare", "--methods", "sn", "--seeds", "1", "--steps", "1", "--out", str(out)]
+    assert main(argv + ["--no-eval", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(mine) in err
+    assert (mine / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in out.rglob("*")) == ["notes.txt", "runs", "sn-seed0"]
+    # a file where the run folder goes is refused too
+    (mine / "notes.txt").rename(tmp_path / "notes.txt")
+    mine.rmdir()
+    mine.write_text("a file")
+    with pytest.raises(LipganError, match="is a file"):
+        run_compare(tiny(out, methods=["sn"]))
+    assert mine.read_text() == "a file"
+
+
+def test_a_bad_train_option_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A wrongly typed training option is one line before OUT exists, so the corrected command
+    then runs (it used to crash in Adam after compare.json was written, and the corrected
+    command was refused as "other flags")."""
+    from lipgan.cli import main
+
+    out = tmp_path / "c"
+    argv = ["compare", "--methods", "sn", "--seeds", "1", "--steps", "1", "--width", "8"]
+    argv += ["--batch-size", "16", "--device", "cpu", "--no-eval", "--quiet", "--out", str(out)]
+    argv += ["--threads", "1", "--no-tensorboard"]
+    for bad in (["--train-option", "lr_d=fast"], ["--lr-d", "fast"], ["--train-option", "steps=2"]):
+        assert main(argv + bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lipgan: error:") and len(err.splitlines()) == 1, err
+        assert not out.exists()
+    assert main(argv + ["--train-option", "lr_d=1e-4"]) == 0
+    assert report.load_run(out / "runs" / "sn-seed0").config["lr_d"] == pytest.approx(1e-4)

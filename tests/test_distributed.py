@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lipgan import distributed as D
 from lipgan.errors import LipganError
 from lipgan.gan import GANTrainer, TrainConfig
+from lipgan.train import distributed as D
 
 TOL = 1e-5
 STEPS = 20
@@ -333,11 +333,11 @@ def test_launch_resume_matches_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_module_entry(tmp_path):
-    """`torchrun --nproc_per_node=2 -m lipgan.distributed [lipgan train flags]`."""
+    """`torchrun --nproc_per_node=2 -m lipgan train [flags]`."""
     out = tmp_path / "tr"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--standalone", "-m", "lipgan.distributed", "--method", "sn", "--width", "4",
+        "--standalone", "-m", "lipgan", "train", "--method", "sn", "--width", "4",
         "--z-dim", "8", "--batch-size", "8", "--steps", "3", "--threads", "1",
         "--device", "cpu", "--quiet", "--no-tensorboard", "--fid-every", "-1",
         "--lip-every", "0", "--layer-every", "0", "--out", str(out),

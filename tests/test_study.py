@@ -31,7 +31,7 @@ def _study(tmp_path, **kw) -> StudyConfig:
         grid={"none": [None], "snr": [1e-2, 1.0]},
         eval_n=40,
         overrides=TINY,
-        workers=1,
+        jobs=1,
     )
     base.update(kw)
     return StudyConfig(**base)

@@ -1,11 +1,22 @@
-"""`lipgan classify`: train a classifier with a Lipschitz method and measure the note's chain."""
+"""`lipgan classify`: train a classifier with a Lipschitz method and measure the note's chain.
+
+Every flag but the command's own few is a field of :class:`ClassifyConfig`
+(:mod:`lipgan.train.classifier_config`), made by :func:`lipgan.train.config.add_flags`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+
+#: the command's defaults where they differ from the dataclass's
+_DEFAULTS = {"threads": 1}
 
 
 def register(sub) -> None:
+    from lipgan.train.classifier_config import ClassifyConfig
+    from lipgan.train.config import add_flags
+
     p = sub.add_parser(
         "classify",
         help="train a classifier with a regularizer; measure bounds, sensitivity, robustness",
@@ -16,83 +27,36 @@ def register(sub) -> None:
             "OUT/config.yaml, OUT/results.json and OUT/classifier.safetensors."
         ),
     )
-    p.add_argument("--reg", default="none", help="none|l2|frobenius|snr|sn|gp (default none)")
-    p.add_argument("--lam", type=float, help="regularizer strength (default: the method's own)")
-    p.add_argument("--sn-mode", default="operator", help="for --reg sn: operator or reshaped")
-    p.add_argument("--model", default="mlp", help="mlp or cnn (default mlp)")
-    p.add_argument(
-        "--activation", help="relu, tanh or minmax (default relu; minmax with --certify)"
-    )
-    p.add_argument("--width", type=int, help="hidden width (mlp) or dense width (cnn)")
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or an IDX folder")
-    p.add_argument("--data-dir", help="read the four IDX files from this folder")
-    p.add_argument("--train-subset", type=int, default=5000, help="training images (0 = all)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--certify",
-        type=float,
-        metavar="EPS",
-        help="Lipschitz-margin training for certified L2 robustness at radius EPS",
-    )
-    p.add_argument("--eps", type=float, nargs="+", help="L2 radii to evaluate (default 0.5 1 2)")
-    p.add_argument("--eval-n", type=int, help="test images for robustness checks (default 1000)")
-    p.add_argument("--pgd-steps", type=int, help="PGD steps (default 20)")
-    p.add_argument("--pgd-restarts", type=int, help="PGD restarts (default 1)")
-    p.add_argument("--hessian-iters", type=int, help="Lanczos steps for the Hessian (default 20)")
-    p.add_argument("--lipsdp", action="store_true", help="add LipSDP-Neuron upper bounds (slower)")
+    add_flags(p, ClassifyConfig, exclude=("eps",), defaults=_DEFAULTS)
+    unset = argparse.SUPPRESS  # not in the namespace unless given: from_args knows what was set
+    p.add_argument("--eps", type=float, nargs="+", default=unset, help="L2 radii (default 0.5 1 2)")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false", default=unset,
+                   help="train and report accuracy only (as --no-evaluate)")  # fmt: skip
     p.add_argument(
         "--reevaluate",
         metavar="RUN",
         help="measure a finished run folder again (no training); evaluation flags given here "
         "replace those in RUN/config.yaml, the others are kept from it",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--no-eval", action="store_true", help="train and report accuracy only")
-    p.add_argument("--out", help="run folder to write (default: print only)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the classify run already in --out"
+    )
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=_classify)
 
 
-_EVAL_FLAGS = ("eval_n", "pgd_steps", "pgd_restarts", "hessian_iters", "eps")
-
-
 def _classify(args) -> int:
-    from lipgan.classify import ClassifyConfig, reevaluate, run
+    from lipgan.classify import reevaluate, run
+    from lipgan.train.classifier_config import ClassifyConfig
+    from lipgan.train.config import from_args, given_flags
 
-    given = {k: getattr(args, k) for k in _EVAL_FLAGS if getattr(args, k) is not None}
-    if args.lipsdp:
-        given["lipsdp"] = True
-    if given.get("eps"):
-        given["eps"] = list(given["eps"])
     if args.reevaluate:
-        res = reevaluate(args.reevaluate, overrides=given)
+        res = reevaluate(args.reevaluate, overrides=given_flags(args, ClassifyConfig))
         args.out = args.reevaluate
         return _print(res, args)
-    cfg = ClassifyConfig(
-        model=args.model,
-        activation=args.activation,
-        width=args.width,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        train_subset=args.train_subset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        reg=args.reg,
-        lam=args.lam,
-        sn_mode=args.sn_mode,
-        certify=args.certify,
-        seed=args.seed,
-        threads=args.threads,
-        out=args.out,
-        evaluate=not args.no_eval,
-    )
-    for k, v in given.items():
-        setattr(cfg, k, v)
-    res = run(cfg, log=None if args.json else print)
+    cfg = from_args(args, ClassifyConfig, base=_DEFAULTS)
+    args.out = cfg.out
+    res = run(cfg, log=None if args.json else print, overwrite=args.overwrite)
     return _print(res, args)
 
 

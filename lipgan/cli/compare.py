@@ -1,10 +1,15 @@
-"""`lipgan compare --methods ... --seeds N --budget 20m|--steps N --out DIR [--jobs N] [flags]`."""
+"""`lipgan compare --methods ... [--variant NAME:k=v,...] --seeds N --budget 20m|--steps N --out DIR
+[--jobs N] [flags]`."""
 
 from __future__ import annotations
+
+#: TrainConfig fields compare sets for each run itself (its --steps/--budget, --out, --quiet)
+_SET_BY_COMPARE = ("method", "seed", "steps", "max_time_s", "out", "quiet")
 
 
 def register(sub) -> None:
     from lipgan.compare import DEFAULT_METHODS
+    from lipgan.train.config import TrainConfig, add_flags
 
     p = sub.add_parser(
         "compare",
@@ -19,8 +24,22 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated trainer presets (default {','.join(DEFAULT_METHODS)})",
+        default=None,
+        help=f"comma-separated methods: trainer presets or constraint names (default "
+        f"{','.join(DEFAULT_METHODS)}, or none when --variant or --variants is given)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="a config variant compared too, e.g. w64:method=frobenius,width=64 (any `lipgan "
+        "train` field; runs in OUT/runs/NAME-seed<k>; repeatable)",
+    )
+    p.add_argument(
+        "--variants",
+        metavar="FILE",
+        help="variants from a YAML file: a mapping NAME: {method: ..., width: ..., ...}",
     )
     p.add_argument("--seeds", type=int, default=2, help="seeds per method: 0..N-1 (default 2)")
     bound = p.add_mutually_exclusive_group()
@@ -31,23 +50,16 @@ def register(sub) -> None:
     )
     bound.add_argument("--steps", type=int, default=None, help="generator steps per run instead")
     p.add_argument("--out", required=True, help="comparison folder (runs/, results.csv, report)")
-    g = p.add_argument_group("training flags passed to every run (default: lipgan train's)")
-    g.add_argument("--model", help="architecture, e.g. dcgan28")
-    g.add_argument("--width", type=int, help="base channel width D")
-    g.add_argument("--batch-size", type=int, help="batch size")
-    g.add_argument("--device", help="auto, cpu or cuda (also used for the evaluation)")
-    g.add_argument(
-        "--precision",
-        help="auto (the default: bf16 where the device has native bf16), fp32 or bf16",
+    g = p.add_argument_group(
+        "training flags passed to every run (every `lipgan train` field; default: its own)"
     )
-    g.add_argument("--dataset", help="mnist, fashion-mnist or a folder of IDX files")
+    add_flags(g, TrainConfig, exclude=_SET_BY_COMPARE)
     g.add_argument(
         "--train-option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any other `lipgan train` field for every run, e.g. threads=2 or fid_every=500 "
-        "(repeatable)",
+        help="a `lipgan train` field for every run as KEY=VALUE, e.g. threads=2 (repeatable)",
     )
     e = p.add_argument_group("evaluation")
     e.add_argument(
@@ -71,18 +83,28 @@ def register(sub) -> None:
 
 
 def _compare(args) -> int:
-    import yaml
-
-    from lipgan.compare import CompareConfig, parse_duration, run_compare
+    from lipgan.compare import (
+        DEFAULT_METHODS,
+        TRAIN_FLAGS,
+        CompareConfig,
+        parse_duration,
+        run_compare,
+    )
     from lipgan.errors import LipganError
+    from lipgan.experiments import sweep
+    from lipgan.train.config import TrainConfig, given_flags, parse_options
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    options = {}
-    for item in args.train_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LipganError(f"--train-option {item!r}: write KEY=VALUE, e.g. threads=2")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    variants = [sweep.parse_variant(v) for v in args.variant]
+    if args.variants:
+        variants += sweep.read_variants(args.variants)
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    else:
+        methods = [] if variants else list(DEFAULT_METHODS)
+    # compare's own --steps, --out and --quiet share their names with TrainConfig fields
+    options = {k: v for k, v in given_flags(args, TrainConfig).items() if k not in _SET_BY_COMPARE}
+    named = {k: options.pop(k) for k in TRAIN_FLAGS if k in options}
+    options.update(parse_options(args.train_option, "--train-option"))
     budget = None
     if args.steps is None:
         budget = parse_duration(args.budget or "20m")
@@ -94,13 +116,9 @@ def _compare(args) -> int:
         seeds=args.seeds,
         budget_s=budget,
         steps=args.steps,
-        model=args.model,
-        width=args.width,
-        batch_size=args.batch_size,
-        device=args.device,
-        precision=args.precision,
-        dataset=args.dataset,
+        **named,
         train_options=options,
+        variants=variants,
         eval_n=args.eval_n,
         evaluate=not args.no_eval,
         retry_failed=args.retry_failed,

@@ -1,6 +1,6 @@
 """`lipgan train` and `lipgan sample`.
 
-Every ``lipgan train`` flag is one :class:`lipgan.gan.TrainConfig` field (``--lr-d`` sets
+Every ``lipgan train`` flag is one :class:`lipgan.train.config.TrainConfig` field (``--lr-d`` sets
 ``lr_d``); the parser is built from the dataclass so the two cannot drift apart. Precedence:
 dataclass defaults < method preset < ``--config FILE.yaml`` < flags (for ``--resume``: the run's
 config.yaml < flags).
@@ -9,8 +9,7 @@ config.yaml < flags).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
+from pathlib import Path
 
 TRAIN_EPILOG = """\
 What the logged numbers mean
@@ -30,94 +29,10 @@ Examples
   lipgan sample runs/gp --n 64 --out grid.png --interpolate
 """
 
-# Help for each TrainConfig field (the flag is the field name with dashes).
-HELP = {
-    "method": "method preset: wgan-clip, wgan-gp, wgan-lp, sn, snr, frobenius, l2, sagan, gan",
-    "model": "architecture: dcgan28 (WGAN-GP paper), mlp (WGAN paper), sagan28",
-    "width": "base width D of both networks (default: the model's, 64 for dcgan28)",
-    "z_dim": "latent size",
-    "dataset": "mnist, fashion-mnist, or a folder holding the four IDX files",
-    "data_dir": "read the dataset's IDX files from this folder",
-    "steps": "generator steps to train (the total, also when resuming)",
-    "max_time_s": "stop when the run has trained this many seconds (summed over resumes) and end"
-    " it as at --steps; 0: no limit",
-    "batch_size": "samples per batch (real and fake each)",
-    "seed": "seed of every random stream (weights, batches, noise)",
-    "device": "auto (cuda when available), cpu, cuda or cuda:N",
-    "precision": "auto (bf16 where the device has native bf16, else fp32), fp32, or bf16 autocast"
-    " (gradient-penalty norms stay float32)",
-    "out": "run folder (default runs/<method>-<model>-<time>)",
-    "constraint": "Lipschitz method of the critic, a lipgan.constraints name (preset's)",
-    "constraint_options": "KEY=VALUE option of the constraint, e.g. lam=5 (repeatable)",
-    "generator_constraint": "constraint on the generator, e.g. spectral-norm (sagan)",
-    "generator_constraint_options": "KEY=VALUE option of the generator's constraint, e.g. "
-    "last_layer=false (repeatable)",
-    "loss": "wasserstein, hinge or ns (non-saturating)",
-    "optimizer": "adam or rmsprop",
-    "lr_d": "critic learning rate",
-    "lr_g": "generator learning rate",
-    "beta1": "Adam beta1 (RMSProp: momentum)",
-    "beta2": "Adam beta2 (RMSProp: smoothing constant alpha)",
-    "weight_decay": "critic weight decay, added to the constraint's own",
-    "n_critic": "critic steps per generator step",
-    "burnin_steps": "WGAN schedule: use --burnin-n-critic for the first N generator steps",
-    "burnin_n_critic": "critic steps during burn-in (WGAN: 100)",
-    "burnin_every": "and at every N-th generator step (WGAN: 500; 0 = never)",
-    "log_every": "metrics.csv/TensorBoard row every N generator steps",
-    "lip_every": "gradient norms at real/fake/interpolates every N steps (0: off)",
-    "layer_every": "per-layer operator norms and product bound every N steps (0: off)",
-    "sample_every": "sample grid every N steps (and at the end)",
-    "checkpoint_every": "write checkpoints/last.pt every N steps (and at the end)",
-    "keep_every": "keep checkpoints/step_XXXXXX.pt every N steps (0: never)",
-    "fid_every": "FID every N steps when lipgan.metrics has an extractor (0: end only; -1: never)",
-    "fid_n": "samples per FID",
-    "n_samples": "images in each sample grid",
-    "tensorboard": "write TensorBoard events to RUN/tb",
-    "quiet": "no progress bar",
-    "on_nan": "on a non-finite loss: stop, or rollback to the last checkpoint with lower lr",
-    "nan_lr_factor": "learning-rate factor applied at each rollback",
-    "max_rollbacks": "rollbacks before giving up",
-    "threads": "torch CPU threads (0: torch's default)",
-    "compile": "torch.compile the networks (never a critic with a gradient penalty)",
-    "channels_last": "channels-last memory format for the convolutions (default: on with bf16 on"
-    " a CPU)",
-}
-
-
-def _base_type(tp) -> type:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from lipgan.gan import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        tp = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = HELP.get(f.name, f.name) + (
-            f" (default {default})" if default not in (None,) else ""
-        )
-        if f.name in ("constraint_options", "generator_constraint_options"):
-            p.add_argument(
-                _option_flag(f.name),
-                dest=f.name,
-                action="append",
-                metavar="KEY=VALUE",
-                default=argparse.SUPPRESS,
-                help=HELP[f.name],
-            )
-        elif tp is bool:
-            p.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
-            )
-        else:
-            p.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_)
-
 
 def register(sub) -> None:
+    from lipgan.train.config import TrainConfig, add_flags
+
     p = sub.add_parser(
         "train",
         help="train a WGAN with a Lipschitz method",
@@ -127,7 +42,7 @@ def register(sub) -> None:
     )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML of TrainConfig fields")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
-    _add_config_flags(p)
+    add_flags(p, TrainConfig)
     add_nproc_argument(p)
     p.set_defaults(func=_train)
 
@@ -146,53 +61,25 @@ def register(sub) -> None:
     s.set_defaults(func=_sample)
 
 
-def _option_flag(field_name: str) -> str:
-    """The repeatable flag of a ``*_options`` field: constraint_options -> --constraint-option."""
-    return "--" + field_name.removesuffix("s").replace("_", "-")
-
-
-def _parse_options(items: list[str], flag: str = "--constraint-option") -> dict:
-    import yaml
-
-    from lipgan.errors import LipganError
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise LipganError(f"{flag} {item!r}: write KEY=VALUE, e.g. lam=5")
-        k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
-    return out
-
-
 def config_from_args(args: argparse.Namespace):
-    """The TrainConfig of ``lipgan train`` arguments (YAML, resume folder and flags merged)."""
-    import yaml
-
+    """The TrainConfig of ``lipgan train`` arguments: the resumed run's config.yaml (or the
+    dataclass defaults) < ``--config FILE.yaml`` < flags. Checked here, before anything runs."""
     from lipgan.errors import LipganError
-    from lipgan.gan import TrainConfig
     from lipgan.runs import Run
+    from lipgan.train.config import TrainConfig, given_flags, load_yaml
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    flags = {k: v for k, v in vars(args).items() if k in names}
-    for key in ("constraint_options", "generator_constraint_options"):
-        if key in flags:
-            flags[key] = _parse_options(flags[key], _option_flag(key))
+    flags = given_flags(args, TrainConfig)
     base: dict = {}
     if args.resume:
+        if "out" in flags and str(Path(flags["out"])) != str(Path(args.resume)):
+            raise LipganError(
+                f"--resume {args.resume} with --out {flags['out']}: a run is resumed in its own "
+                "folder; drop --out (or copy the folder first)"
+            )
         base = Run(args.resume).read_config()
         base["out"] = str(args.resume)
     if args.config:
-        try:
-            with open(args.config) as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except OSError as exc:
-            raise LipganError(f"--config {args.config}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise LipganError(f"--config {args.config}: not valid YAML ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise LipganError(f"--config {args.config}: expected a mapping of TrainConfig fields")
-        base.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        base.update({str(k).replace("-", "_"): v for k, v in load_yaml(args.config).items()})
     base.update(flags)
     return TrainConfig.from_dict(base)
 
@@ -209,12 +96,12 @@ def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
-    from lipgan import distributed, gan
+    from lipgan.train import distributed, loop
 
     cfg = config_from_args(args)
     path = distributed.maybe_run(cfg, args.nproc, resume=bool(args.resume))
     if path is None:
-        path = gan.train(cfg, resume=bool(args.resume))
+        path = loop.train(cfg, resume=bool(args.resume))
     if distributed.is_main_process():
         print(path)
     return 0
@@ -237,7 +124,7 @@ def _sample(args) -> int:
 
     from lipgan import image, runs
     from lipgan.errors import LipganError
-    from lipgan.gan import resolve_device
+    from lipgan.train.device import resolve_device
 
     if args.n < 1:
         raise LipganError("--n must be >= 1")

@@ -8,6 +8,7 @@ name on first use, so adding an architecture needs no edit here.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable
 
@@ -53,3 +54,14 @@ def build(kind: str, name: str, **kwargs) -> nn.Module:
         return _REGISTRY[(kind, name)](**kwargs)
     except TypeError as exc:
         raise LipganError(f"bad option for {kind} model {name!r}: {exc}") from None
+
+
+def default_option(kind: str, name: str, option: str) -> object:
+    """The default of keyword ``option`` of the ``kind`` builder ``name`` (``None``: it has none,
+    or does not take it); an unknown builder is a LipganError naming the registered ones."""
+    _load_all()
+    fn = _REGISTRY.get((kind, name))
+    if fn is None:
+        raise LipganError(f"unknown {kind} model {name!r}; choose one of: {', '.join(names(kind))}")
+    p = inspect.signature(fn).parameters.get(option)
+    return None if p is None or p.default is inspect.Parameter.empty else p.default

@@ -1,0 +1,398 @@
+"""The run loop: a :class:`GANTrainer` inside its run folder.
+
+:class:`Session` opens (or reopens) the folder, then :meth:`Session.run` calls the trainer's
+``train_step`` and, after each step, small hooks, each for one concern and each only when its
+interval is due: the metrics row (losses, gradient norms, layer norms, FID), the sample grid, the
+checkpoint with the exports, and the progress bar. A non-finite loss stops the run or rolls it
+back. SIGINT and SIGTERM let the step in progress finish, write a checkpoint and mark the run
+resumable (status ``failed``, reason ``interrupted``) before the loop stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lipgan import constraints as C
+from lipgan import data, metrics, runs
+from lipgan.errors import LipganError
+from lipgan.train.config import TrainConfig
+from lipgan.train.gan import GANTrainer
+from lipgan.train.presets import resolve
+from lipgan.train.rng import isolated_rng
+
+#: Fields a resumed run keeps: changing one would make it another run (or relabel it).
+IDENTITY_FIELDS = (
+    "method", "model", "width", "z_dim", "dataset", "seed", "constraint", "constraint_options",
+    "generator_constraint", "generator_constraint_options", "loss", "optimizer",
+)  # fmt: skip
+
+
+class TimeLimitReached(LipganError):
+    """Raised when a run is resumed that has already used its ``max_time_s``."""
+
+
+class NonFiniteLoss(LipganError):
+    """Raised when a loss becomes NaN or infinite and ``on_nan`` is ``stop``."""
+
+
+def default_out(cfg: TrainConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{cfg.method}-{cfg.model}-{stamp}")
+
+
+def with_constraint(cfg: TrainConfig, constraint: C.Constraint | None) -> TrainConfig:
+    """``cfg`` naming ``constraint`` (a user's object) by its spec, so config.yaml records the
+    method that trains and a resume rebuilds it; unrecordable objects are a LipganError."""
+    if constraint is None:
+        return cfg
+    spec = C.checked_spec(constraint)
+    return cfg.replace(constraint=spec["name"], constraint_options=dict(spec["options"]))
+
+
+def check_resume(cfg: TrainConfig, stored: dict, path: Path) -> None:
+    """LipganError when ``cfg`` would change what the run in ``path`` (its config ``stored``)
+    is: its method, architecture, data, seed or constraints, or its folder."""
+    try:
+        before = resolve(TrainConfig.from_dict({**stored, "out": str(path)}))
+    except LipganError as exc:
+        raise LipganError(f"{path}/config.yaml: {exc}") from None
+    for name in IDENTITY_FIELDS:
+        old, new = getattr(before, name), getattr(cfg, name)
+        if old != new:
+            raise LipganError(
+                f"{path} was trained with {name} {old!r}, not {new!r}; a resumed run keeps it "
+                "(start a new run with another --out to change it)"
+            )
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    constraint: C.Constraint | None = None,
+    stream=None,
+) -> Path:
+    """Train (or, with ``resume``, continue) the run ``cfg.out`` to ``cfg.steps``; return its path.
+
+    A new run refuses a folder that already holds one. A resumed run reads and checks
+    ``checkpoints/last.pt`` before changing anything in the folder.
+    """
+    session = Session(cfg, resume=resume, constraint=constraint, stream=stream)
+    try:
+        session.run()
+    finally:
+        session.close()
+    return session.finish()
+
+
+def _params_finite(trainer: GANTrainer) -> bool:
+    return all(
+        bool(torch.isfinite(p).all())
+        for m in (trainer.generator, trainer.critic)
+        for p in m.parameters()
+    )
+
+
+class Session:
+    """A run in progress: a :class:`GANTrainer` plus its run folder, logs and progress bar.
+
+    ``Session(cfg)`` opens (or, with ``resume``, reopens) the run folder; ``run(until)`` trains to
+    generator step ``until`` (default ``cfg.steps``) doing the logging, samples and checkpoints the
+    config asks for; ``finish()`` marks the run done. Benchmarks call ``run`` in slices.
+    Everything is checked (config, checkpoint, resume overrides) before the folder is touched.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        constraint: C.Constraint | None = None,
+        stream=None,
+        images: torch.Tensor | None = None,
+    ) -> None:
+        cfg = with_constraint(resolve(cfg), constraint)
+        if not cfg.out:
+            cfg = cfg.replace(out=default_out(cfg))
+        run = runs.Run(cfg.out)
+        state = None
+        if resume:
+            if not run.config_path.is_file() and not run.last_checkpoint.is_file():
+                raise LipganError(f"{run.path}: no checkpoints/last.pt to resume from")
+            if run.config_path.is_file():
+                check_resume(cfg, run.read_config(), run.path)
+            if run.last_checkpoint.is_file():
+                state = runs.load_checkpoint(run.last_checkpoint)
+        elif run.exists():
+            raise LipganError(
+                f"{run.path} already holds a run; continue it with `lipgan train --resume "
+                f"{run.path}` or choose another --out"
+            )
+        if images is None:
+            images = data.load(cfg.dataset, data_dir=cfg.data_dir).train_images
+        trainer = GANTrainer(cfg, images, constraint=constraint)
+        wall0 = 0.0
+        if state is not None:
+            trainer.load_state_dict(state, source=str(run.last_checkpoint))
+            wall0 = float(state.get("wall_s", 0.0))
+            if cfg.steps < trainer.step:
+                raise LipganError(
+                    f"{run.path} is already at generator step {trainer.step}; --steps "
+                    f"{cfg.steps} would end before it (pass --steps {trainer.step} or more)"
+                )
+            if cfg.max_time_s and wall0 >= cfg.max_time_s:
+                raise TimeLimitReached(
+                    f"{run.path} has used its time limit ({wall0:.0f} s of max_time_s "
+                    f"{cfg.max_time_s:g}); resume with a larger --max-time-s, or --max-time-s 0 "
+                    "to train to --steps"
+                )
+        # Everything checked: only now touch the folder.
+        if resume:
+            run.write_config(cfg.to_dict())
+            run.truncate_logs(trainer.step)
+            run.remove_partials()
+        else:
+            run.create(cfg.to_dict())
+        self.cfg, self.run_dir, self.trainer, self.stream = cfg, run, trainer, stream
+        self.tb = None
+        if cfg.tensorboard:
+            # After a resume, drop events the interrupted segment wrote past its checkpoint.
+            self.tb = run.tensorboard(
+                purge_step=trainer.step + 1 if run.metrics_path.is_file() else None
+            )
+        self.fixed_z = torch.randn(
+            cfg.n_samples, trainer.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 3)
+        ).to(trainer.device)
+        self.progress = tqdm(
+            total=cfg.steps, initial=trainer.step, disable=cfg.quiet, file=stream or sys.stderr,
+            unit="step", dynamic_ncols=True, mininterval=0.5,
+        )  # fmt: skip
+        self.t_start = time.perf_counter()
+        self.wall0 = wall0  # wall time of earlier segments (resume)
+        self.ended = False  # the last step was the run's end (steps reached or time limit)
+        if trainer.step == 0:
+            self._checkpoint(keep=False)  # rollback target before any step
+        self.last_good = trainer.step
+        self.rollbacks = 0
+        self.layer_error: str | None = None  # why the layer analysis is off for this run
+        self.fid_error: str | None = None  # why FID is off for this run
+        self.signal: int | None = None  # SIGINT/SIGTERM received: stop after this step
+        run.write_status("running", trainer.step, cfg.steps, self.wall())
+        self.w_ema: float | None = None
+        self.t_log, self.step_log = time.perf_counter(), trainer.step
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir.path
+
+    def wall(self) -> float:
+        return self.wall0 + time.perf_counter() - self.t_start
+
+    def run(self, until: int | None = None) -> None:
+        """Train to generator step ``until`` (at most ``cfg.steps``)."""
+        until = self.cfg.steps if until is None else min(until, self.cfg.steps)
+        try:
+            with self._signals():
+                while self.trainer.step < until and not self.ended:
+                    self._after_step(self.trainer.train_step())
+                    if self.signal is not None:
+                        self._stop_on_signal()
+        except KeyboardInterrupt:
+            self._status("failed", "interrupted")
+            raise
+
+    # ---------------------------------------------------------------- after each step
+    def _after_step(self, out: dict) -> None:
+        cfg, step = self.cfg, self.trainer.step
+        vals = torch.stack([out["wasserstein"], out["loss_d"], out["penalty"], out["loss_g"]])
+        losses = dict(zip(("wasserstein", "loss_d", "penalty", "loss_g"), vals.tolist()))
+        if not all(math.isfinite(v) for v in losses.values()):
+            self._non_finite(step, losses)
+            return
+        w = losses["wasserstein"]
+        self.w_ema = w if self.w_ema is None else 0.9 * self.w_ema + 0.1 * w
+        end = step >= cfg.steps or bool(cfg.max_time_s and self.wall() >= cfg.max_time_s)
+        self.ended = end
+
+        def due(every: int) -> bool:
+            return bool(every) and (step % every == 0 or end)
+
+        row: dict[str, Any] = {}
+        if due(cfg.log_every):
+            self._log_losses(step, losses, row)
+        if due(cfg.lip_every):
+            self._log_gradient_norms(row)
+        if due(cfg.layer_every):
+            self._log_layer_norms(step, row)
+        if cfg.fid_every >= 0 and (due(cfg.fid_every) or end):
+            self._log_fid(row)
+        if row:
+            self._write_row(step, row)
+        if due(cfg.sample_every) or end:
+            self.run_dir.save_samples(step, self.trainer.sample(self.fixed_z))
+        keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
+        if due(cfg.checkpoint_every) or keep or end:
+            if _params_finite(self.trainer):
+                self._checkpoint(keep=keep)
+                self.last_good = step
+            self._status("running")
+        self.progress.set_postfix_str(f"W {self.w_ema:+.4f}", refresh=False)
+        self.progress.update(step - self.progress.n)
+
+    def _log_losses(self, step: int, losses: dict[str, float], row: dict) -> None:
+        now = time.perf_counter()
+        ms = 1000 * (now - self.t_log) / max(step - self.step_log, 1)
+        row.update(step=step, time_s=round(self.wall(), 3), **losses, ms_per_step=round(ms, 2))
+        self.t_log, self.step_log = now, step
+        gn = self.trainer.constraint.last_grad_norm
+        if gn is not None:  # reuse the penalty's own gradients at the interpolates
+            gn = gn.detach().float()
+            row.update(gnorm_interp_mean=gn.mean().item(), gnorm_interp_max=gn.max().item())
+
+    def _log_gradient_norms(self, row: dict) -> None:
+        which = ("real", "fake") if "gnorm_interp_mean" in row else ("real", "fake", "interp")
+        for k, v in self.trainer.gradient_norms(self.trainer.last_real, which).items():
+            row[f"gnorm_{k}_mean"] = v.mean().item()
+            row[f"gnorm_{k}_max"] = v.max().item()
+
+    def _log_layer_norms(self, step: int, row: dict) -> None:
+        if self.layer_error is not None:
+            return
+        try:
+            layers, bound = self.trainer.layer_norms()
+        except LipganError as exc:
+            # The analysis refuses some critics (attention): say so once, train on without it.
+            self.layer_error = str(exc)
+            self._say(f"no layer norms or product bound for this critic: {exc}")
+            return
+        if layers:
+            self.run_dir.log_layer_norms(step, layers)
+        row["product_bound"] = bound
+
+    @isolated_rng()
+    def _log_fid(self, row: dict) -> None:
+        cfg, trainer = self.cfg, self.trainer
+        if self.fid_error is not None or not metrics.available(cfg.dataset):
+            return
+        z = trainer.sample_z(cfg.fid_n, trainer.measure_gen)
+        try:
+            row["fid"] = metrics.fid(trainer.sample(z).cpu(), dataset=cfg.dataset, n=cfg.fid_n)
+        except LipganError as exc:  # e.g. more samples asked for than the reference set has
+            self.fid_error = str(exc)
+            self._say(f"no FID for this run: {exc}")
+
+    def _write_row(self, step: int, row: dict) -> None:
+        row = {"step": step, **row}
+        row.setdefault("time_s", round(self.wall(), 3))
+        self.run_dir.log_metrics(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None:
+                    self.tb.add_scalar(k, v, step)
+
+    @isolated_rng()
+    def _checkpoint(self, keep: bool) -> None:
+        """The exports, then ``last.pt`` (which names the step they are of): a kill between the
+        two leaves an older checkpoint, which a resume rewrites the exports from."""
+        trainer, run, cfg = self.trainer, self.run_dir, self.cfg
+        for kind, net, kwargs in (
+            ("generator", trainer.generator, trainer.gen_kwargs),
+            ("critic", trainer.critic, trainer.critic_kwargs),
+        ):
+            path = run.path / f"{kind}.safetensors"
+            runs.export_network(net, path, kind, cfg.model, dict(kwargs))
+        state = trainer.state_dict()
+        state["wall_s"] = self.wall()
+        state["config"] = cfg.to_dict()
+        runs.save_checkpoint(run.last_checkpoint, state)
+        if keep:
+            runs.save_checkpoint(run.checkpoint_path(trainer.step), state)
+
+    def _non_finite(self, step: int, losses: dict[str, float]) -> None:
+        """Roll back to the last checkpoint with lower learning rates, or stop the run."""
+        cfg, trainer, ckpt = self.cfg, self.trainer, self.run_dir.last_checkpoint
+        if cfg.on_nan == "rollback" and self.rollbacks < cfg.max_rollbacks:
+            self.rollbacks += 1
+            state = runs.load_checkpoint(ckpt)
+            scale = float(state.get("lr_scale", 1.0)) * cfg.nan_lr_factor
+            trainer.load_state_dict(state, source=str(ckpt))
+            trainer.set_lr_scale(scale)
+            self.run_dir.truncate_logs(trainer.step)
+            self._say(
+                f"non-finite loss at generator step {step}; rolled back to step "
+                f"{trainer.step} ({ckpt}) with learning rates x{scale:g}"
+            )
+            return
+        reason = (
+            f"non-finite loss at generator step {step} (W {losses['wasserstein']}, loss_d "
+            f"{losses['loss_d']}, loss_g {losses['loss_g']}); last good checkpoint: {ckpt} (step "
+            f"{self.last_good}). Resume with --on-nan rollback or lower learning rates"
+        )
+        self.run_dir.write_status("failed", step, cfg.steps, self.wall(), reason)
+        raise NonFiniteLoss(reason)
+
+    # ---------------------------------------------------------------- signals and status
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set :attr:`signal` (the loop then checkpoints and stops); a second
+        one interrupts at once. Only in the main thread, and never over an ignored signal."""
+        # Under DDP every rank must stop at the same step; torchrun's signals reach them all.
+        if threading.current_thread() is not threading.main_thread() or dist.is_initialized():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.signal is not None:
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        before = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                before[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in before.items():
+                signal.signal(sig, old)
+
+    def _stop_on_signal(self) -> None:
+        if _params_finite(self.trainer) and self.trainer.step > self.last_good:
+            self._checkpoint(keep=False)
+            self.last_good = self.trainer.step
+        self._status("failed", "interrupted")
+        raise KeyboardInterrupt
+
+    def _status(self, state: str, reason: str | None = None) -> None:
+        self.run_dir.write_status(state, self.trainer.step, self.cfg.steps, self.wall(), reason)
+
+    def _say(self, msg: str) -> None:
+        if not self.cfg.quiet:
+            tqdm.write(f"lipgan: {msg}", file=self.stream or sys.stderr)
+
+    def close(self) -> None:
+        """Close the progress bar and the log files (the run can be reopened with resume)."""
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.progress.close()
+            self.run_dir.close()
+
+    def finish(self) -> Path:
+        """Mark the run done when it reached ``cfg.steps`` or its time limit; returns the run
+        folder."""
+        self.close()
+        if self.trainer.step >= self.cfg.steps or self.ended:
+            self._status("done")
+        return self.path

@@ -1,0 +1,209 @@
+"""Method presets: each a constraint, a loss, an optimizer and the values of its paper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lipgan import constraints as C
+from lipgan import models
+from lipgan.errors import LipganError
+from lipgan.train.config import TrainConfig
+from lipgan.train.device import resolve_precision
+from lipgan.train.losses import LOSSES, OPTIMIZERS
+
+#: Method presets. Every value fills a TrainConfig field the user left unset (flag or YAML).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Arjovsky, Chintala & Bottou (2017), Algorithm 1 and official main.py: RMSProp lr 5e-5
+    # (torch defaults: momentum 0, alpha 0.99), clip c = 0.01 (the constraint's default),
+    # n_critic 5, and 100 critic steps for the first 25 generator steps and every 500th.
+    "wgan-clip": dict(
+        constraint="weight-clip",
+        loss="wasserstein",
+        optimizer="rmsprop",
+        lr_d=5e-5,
+        lr_g=5e-5,
+        beta1=0.0,
+        beta2=0.99,
+        n_critic=5,
+        burnin_steps=25,
+        burnin_n_critic=100,
+        burnin_every=500,
+    ),
+    # Gulrajani et al. (2017), official gan_mnist.py: Adam 1e-4, betas (0.5, 0.9), lambda 10 (the
+    # constraint's default), n_critic 5.
+    "wgan-gp": dict(
+        constraint="gradient-penalty",
+        loss="wasserstein",
+        optimizer="adam",
+        lr_d=1e-4,
+        lr_g=1e-4,
+        beta1=0.5,
+        beta2=0.9,
+        n_critic=5,
+    ),
+    # Petzka, Fischer & Lukovnikov (2018): the one-sided penalty max(0, ||grad|| - 1)^2 with the
+    # WGAN-GP training setup they compared against.
+    "wgan-lp": dict(
+        constraint="lipschitz-penalty",
+        loss="wasserstein",
+        optimizer="adam",
+        lr_d=1e-4,
+        lr_g=1e-4,
+        beta1=0.5,
+        beta2=0.9,
+        n_critic=5,
+    ),
+    # Miyato et al. (2018), setting C: Adam 2e-4, betas (0, 0.9), n_dis 5; the critic spectrally
+    # normalized (one power iteration per forward, u kept) and trained with the Wasserstein loss.
+    "sn": dict(
+        constraint="spectral-norm",
+        loss="wasserstein",
+        optimizer="adam",
+        lr_d=2e-4,
+        lr_g=2e-4,
+        beta1=0.0,
+        beta2=0.9,
+        n_critic=5,
+    ),
+    # Spectral norm regularization (Yoshida & Miyato 2017) made to hold a Wasserstein critic,
+    # trained with the WGAN-GP setup so the methods differ only in how the critic is kept
+    # Lipschitz. The paper's lambda/2 sum sigma_l^2 cannot: an L-layer critic's gain E[D(real)] -
+    # E[D(fake)] grows like s^L when every weight is scaled by s, the penalty only like s^2, so
+    # the critic's loss has no lower bound and the critic diverges (measured: W 1e6-1e7, see
+    # docs/wgan.md). The preset penalizes the squared excess over 1 of the product of the
+    # sigma_l instead, lam (prod_l sigma_l - 1)_+^2 (degree 2L), with WGAN-GP's lambda 10 (lipgan's
+    # choice, measured in docs/wgan.md). `--constraint-option form=sum` gives the paper's form.
+    "snr": dict(
+        constraint="spectral-norm-reg",
+        constraint_options={"form": "bound", "lam": 10.0},
+        loss="wasserstein",
+        optimizer="adam",
+        lr_d=1e-4,
+        lr_g=1e-4,
+        beta1=0.5,
+        beta2=0.9,
+        n_critic=5,
+    ),
+    # The study note's C(w) = prod_l ||W_l||_F, penalized like snr: lam (C(w) - 1)_+^2 with
+    # lambda 10 (lipgan's choice; the sum form lambda sum ||W_l||_F^2 diverges like snr's).
+    # Adam without momentum, betas (0, 0.9) as in Miyato et al. (2018): with WGAN-GP's beta1 0.5
+    # the product of norms swung around 1 and the generator never made digits (18 595 steps,
+    # FID 1019); with beta1 0 it gave digits in 20 minutes on one core (FID 480). The critic's
+    # last layer goes rank 1 either way (docs/wgan.md §4).
+    # Arjovsky et al. (2017) saw momentum destabilize a weight-constrained critic as well.
+    "frobenius": dict(
+        constraint="frobenius-reg",
+        constraint_options={"form": "bound", "lam": 10.0},
+        loss="wasserstein",
+        optimizer="adam",
+        lr_d=1e-4,
+        lr_g=1e-4,
+        beta1=0.0,
+        beta2=0.9,
+        n_critic=5,
+    ),
+    # Weight decay on the critic (the note: L2 regularization is the Frobenius bound's penalty);
+    # the constraint carries the decay, added to the critic optimizer's weight_decay.
+    "l2": dict(
+        constraint="l2",
+        loss="wasserstein",
+        optimizer="adam",
+        lr_d=1e-4,
+        lr_g=1e-4,
+        beta1=0.5,
+        beta2=0.9,
+        n_critic=5,
+    ),
+    # Zhang et al. (2019), SAGAN: spectral normalization in both networks, hinge loss, TTUR
+    # (Heusel et al. 2017) lr_D 4e-4 / lr_G 1e-4, Adam betas (0, 0.9), one critic step per
+    # generator step; the self-attention architecture. lipgan's one change: the generator's output
+    # layer is left unnormalized (last_layer=False). With it normalized, the sagan preset collapsed
+    # to one image on MNIST on seeds 0 and 1; without, it gives varied digits (docs/wgan.md).
+    "sagan": dict(
+        model="sagan28",
+        constraint="spectral-norm",
+        generator_constraint="spectral-norm",
+        generator_constraint_options={"last_layer": False},
+        loss="hinge",
+        optimizer="adam",
+        lr_d=4e-4,
+        lr_g=1e-4,
+        beta1=0.0,
+        beta2=0.9,
+        n_critic=1,
+    ),
+    # The control: non-saturating GAN, no constraint, DCGAN's Adam 2e-4, betas (0.5, 0.999)
+    # (Radford et al. 2016), one critic step per generator step.
+    "gan": dict(
+        constraint="none",
+        loss="ns",
+        optimizer="adam",
+        lr_d=2e-4,
+        lr_g=2e-4,
+        beta1=0.5,
+        beta2=0.999,
+        n_critic=1,
+    ),
+}
+
+# Values used for preset fields a preset does not mention.
+PRESET_FALLBACK: dict[str, Any] = dict(
+    model="dcgan28",
+    generator_constraint="none",
+    weight_decay=0.0,
+    burnin_steps=0,
+    burnin_n_critic=100,
+    burnin_every=0,
+)
+
+
+def methods() -> list[str]:
+    """Every method name a command accepts: the presets, then the constraint registry's names
+    (a registry name trains with WGAN-GP's setup, see :func:`preset_for`)."""
+    return [*PRESETS, *(n for n in C.available() if n not in PRESETS)]
+
+
+def preset_for(method: str) -> dict[str, Any]:
+    """The preset of a method name: ``PRESETS[method]``, or for a constraint-registry name
+    (``bjorck``, a user's registered constraint) the WGAN-GP setup with that constraint."""
+    if method in PRESETS:
+        return dict(PRESETS[method])
+    if method in C.available():
+        return {**PRESETS["wgan-gp"], "constraint": method}
+    raise LipganError(f"unknown method {method!r}; choose one of: {', '.join(methods())}")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill every ``None`` field from the method's preset and check the choices: the one place
+    a run's configuration is completed (the CLI, compare, study and resume all call it)."""
+    preset = {**PRESET_FALLBACK, **preset_for(cfg.method)}
+    options = {
+        key: (preset.pop(f"{key}_options", {}), getattr(cfg, key))
+        for key in ("constraint", "generator_constraint")
+    }
+    changes = {k: v for k, v in preset.items() if getattr(cfg, k) is None}
+    cfg = cfg.replace(**changes)
+    for key, (preset_options, user_choice) in options.items():
+        if not preset_options or user_choice is not None:
+            continue
+        # The preset's options go with the constraint it picks: only when this call fills the
+        # constraint in (a config read back from a run folder names its constraints and keeps
+        # its own options). The user's options win; a user's other `form` takes the
+        # constraint's own defaults for the rest (the preset's lam belongs to its form).
+        mine = getattr(cfg, f"{key}_options")
+        if "form" in mine and mine["form"] != preset_options.get("form"):
+            merged = dict(mine)
+        else:
+            merged = {**preset_options, **mine}
+        cfg = cfg.replace(**{f"{key}_options": merged})
+    if cfg.width is None:
+        cfg = cfg.replace(width=models.default_option("critic", cfg.model, "width"))
+    else:
+        models.default_option("critic", cfg.model, "width")  # an unknown model is refused here
+    if cfg.loss not in LOSSES:
+        raise LipganError(f"unknown loss {cfg.loss!r}; choose one of: {', '.join(LOSSES)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise LipganError(f"unknown optimizer {cfg.optimizer!r}; use {' or '.join(OPTIMIZERS)}")
+    if cfg.precision == "auto" or cfg.channels_last is None:
+        cfg = resolve_precision(cfg)
+    return cfg

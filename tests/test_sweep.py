@@ -1,0 +1,107 @@
+"""The sweep driver behind compare and study: the grid, variants, in-process and worker runs."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from lipgan.errors import LipganError
+from lipgan.experiments import sweep
+from lipgan.experiments.sweep import Cell, Variant
+
+
+def _square(cell: Cell, tag: str, ctx: sweep.Context, *, offset: int = 0) -> int:
+    ctx.log(f"{tag}: squaring")
+    if cell.options.get("fail"):
+        raise LipganError(f"{cell.name} cannot be squared")
+    return cell.seed**2 + cell.options["x"] + offset
+
+
+def test_grid_crosses_variants_and_seeds(tmp_path):
+    cells = sweep.grid([Variant("a", {"x": 1}), Variant("b", {"x": 2})], 2, tmp_path)
+    assert [c.name for c in cells] == ["a-seed0", "a-seed1", "b-seed0", "b-seed1"]
+    assert [(c.variant, c.seed, c.options["x"]) for c in cells] == [
+        ("a", 0, 1), ("a", 1, 1), ("b", 0, 2), ("b", 1, 2),
+    ]  # fmt: skip
+    assert cells[0].path == tmp_path / "a-seed0"
+    assert sweep.grid([Variant("a")], 1, tmp_path, "{variant}_s{seed}")[0].name == "a_s0"
+    with pytest.raises(LipganError, match="given twice: a"):
+        sweep.grid([Variant("a"), Variant("a")], 1, tmp_path)
+    with pytest.raises(LipganError, match="--seeds"):
+        sweep.grid([Variant("a")], 0, tmp_path)
+    for bad in ("", "../up", "a/b", "sp ace"):
+        with pytest.raises(LipganError, match="variant name"):
+            Variant(bad)
+
+
+def test_variant_values_are_yaml_with_exponents_as_numbers():
+    v = sweep.parse_variant("slow:lr-d=1e-4,n_critic=1,compile=true,eps=[1, 2e3]")
+    assert v.options == {"lr_d": 1e-4, "n_critic": 1, "compile": True, "eps": [1, 2000.0]}
+    assert isinstance(v.options["lr_d"], float)
+    with pytest.raises(LipganError, match="KEY=VALUE"):
+        sweep.parse_variant("a:lr_d")
+
+
+def test_parse_variant_keeps_commas_inside_values():
+    v = sweep.parse_variant(
+        "w64-mix:method=frobenius,constraint=l2,frobenius-reg,eps=[1, 2],width=64"
+    )
+    assert v.name == "w64-mix"
+    assert v.options == {
+        "method": "frobenius", "constraint": "l2,frobenius-reg", "eps": [1, 2], "width": 64,
+    }  # fmt: skip
+    assert sweep.parse_variant("sn") == Variant("sn", {})
+
+
+def test_read_variants_from_yaml(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("w64: {method: frobenius, width: 64}\nslow:\n  method: sn\n  lr_d: 1e-4\n")
+    got = sweep.read_variants(path)
+    assert got == [
+        Variant("w64", {"method": "frobenius", "width": 64}),
+        Variant("slow", {"method": "sn", "lr_d": 1e-4}),
+    ]
+    path.write_text("- a\n- b\n")
+    with pytest.raises(LipganError, match="mapping"):
+        sweep.read_variants(path)
+    with pytest.raises(LipganError, match="missing.yaml"):
+        sweep.read_variants(tmp_path / "missing.yaml")
+
+
+def test_in_process_and_workers_give_the_same_results(tmp_path):
+    cells = sweep.grid([Variant("a", {"x": 1}), Variant("b", {"x": 10})], 2, tmp_path)
+    work = functools.partial(_square, offset=100)
+    logs: list[str] = []
+    seen: list[tuple[str, set]] = []
+
+    def done(cell, value, unfinished):
+        seen.append((cell.name, unfinished))
+
+    serial = sweep.run_cells(cells, work, log=logs.append, on_done=done)
+    assert [(c.name, v) for c, v in serial.finished] == [
+        ("a-seed0", 101), ("a-seed1", 102), ("b-seed0", 110), ("b-seed1", 111),
+    ]  # fmt: skip
+    assert logs == [f"[{i}/4] {c.name}: squaring" for i, c in enumerate(cells, 1)]
+    assert seen[0] == ("a-seed0", {c.path for c in cells[1:]}) and seen[-1][1] == set()
+    logs.clear()
+    pooled = sweep.run_cells(cells, work, jobs=2, threads=1, log=logs.append)
+    assert sorted((c.name, v) for c, v in pooled.finished) == sorted(
+        (c.name, v) for c, v in serial.finished
+    )
+    assert sorted(logs) == sorted(f"[{i}/4] {c.name}: squaring" for i, c in enumerate(cells, 1))
+
+
+def test_a_failing_cell_raises_its_error_in_this_process(tmp_path):
+    cells = sweep.grid(
+        [Variant("ok", {"x": 1}), Variant("bad", {"x": 1, "fail": True})], 1, tmp_path
+    )
+    for jobs in (1, 2):
+        with pytest.raises(LipganError, match="bad-seed0 cannot be squared"):
+            sweep.run_cells(cells, _square, jobs=jobs, threads=1)
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
+def test_bad_jobs(jobs, tmp_path):
+    with pytest.raises(LipganError, match="--jobs must be"):
+        sweep.run_cells([], _square, jobs=jobs)
