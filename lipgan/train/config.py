@@ -21,6 +21,7 @@ This module imports no torch, so a command's parser stays cheap to build.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import re
@@ -53,10 +54,6 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_FLOAT = re.compile(
-    r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
-    r"|^\.(?:nan|NaN|NAN)$"
-)
 # YAML 1.1 needs a dot in a float; YAML 1.2 (and every user) reads 1e-4 as a number.
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -126,8 +123,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if what is None:
         return value
     if tp is float:
-        if isinstance(value, str) and _FLOAT.match(value.strip()):
-            value = float(value)
+        if isinstance(value, str):  # "1e-4" from a YAML 1.1 loader, "nan" from a flag
+            with contextlib.suppress(ValueError):
+                value = float(value.strip().lower().replace(".inf", "inf").replace(".nan", "nan"))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = float(value)
             if not math.isfinite(value):

@@ -374,6 +374,12 @@ class GANTrainer:
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         """Restore :meth:`state_dict`; LipganError (and nothing changed) when it does not fit."""
+        version = state.get("state_format", 1)
+        if not isinstance(version, int) or not 1 <= version <= STATE_FORMAT:
+            raise LipganError(
+                f"{source} has checkpoint state format {version!r}, this lipgan reads formats 1 "
+                f"to {STATE_FORMAT}; resume it with the lipgan version that wrote it"
+            )
         self.check_compatible(state, source)
         # A mismatch is raised before anything but the weights changed; callers (resume) then
         # discard this trainer, and the run folder has not been touched yet.
@@ -388,7 +394,7 @@ class GANTrainer:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise LipganError(f"{source} does not fit this run's networks: {first}") from None
         extra = state.get("extra", {})
-        if state.get("state_format", 1) < 2:
+        if version < 2:
             extra = {k: _v1_extra(v, c) for k, v, c in (
                 ("critic", extra.get("critic"), self.constraint),
                 ("generator", extra.get("generator"), self.gen_constraint),
