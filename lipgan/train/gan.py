@@ -108,6 +108,7 @@ class GANTrainer:
         self.generator = self.generator.to(self.device, memory_format=fmt)
         self.critic = self.constraint.attach(self.critic).to(self.device, memory_format=fmt)
         self.memory_format = fmt
+        self._first_forward()
         # Project onto the constraint's set once before training (clipping, orthonormalization),
         # so the critic the first generator step sees is already constrained.
         with torch.no_grad():
@@ -145,6 +146,19 @@ class GANTrainer:
             self.batches = BatchSource(
                 images, generator=self.data_gen, scale="tanh", device=self.device
             )
+
+    @torch.no_grad()
+    def _first_forward(self) -> None:
+        """One eval-mode forward of both networks (nothing updated): layers that learn their
+        input shape there (operator-mode spectral norm) can then be read, exported, bounded."""
+        self.generator.eval()
+        self.critic.eval()
+        try:
+            z = torch.zeros(1, self.z_dim, device=self.device)
+            self.critic(self._prep(self.generator(z).float()))
+        finally:
+            self.generator.train()
+            self.critic.train()
 
     def _build(self, kind: str) -> nn.Module:
         kw = self.gen_kwargs if kind == "generator" else self.critic_kwargs
