@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import json
@@ -213,7 +214,7 @@ def test_page_is_self_contained_and_lists_failed_runs(tmp_path):
     # three plots and two sample grids, all inline PNG
     assert len(parsed.imgs) == 5
     assert all(src.startswith("data:image/png;base64,") for src in parsed.imgs)
-    assert sum(src.endswith(report.base64.b64encode(_png()).decode()) for src in parsed.imgs) == 2
+    assert sum(src.endswith(base64.b64encode(_png()).decode()) for src in parsed.imgs) == 2
     text = "".join(parsed.text)
     assert "failed: loss is nan at step 3 <script>alert(1)</script>" in text  # escaped, shown
     assert "<script>alert" not in page

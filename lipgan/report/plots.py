@@ -1,0 +1,168 @@
+"""The report's plots: matplotlib's object API (no pyplot, no global state), PNG as base64."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from lipgan.report.tables import _finite
+
+
+def _figure(width: float = 6.4, height: float = 3.6):
+    # The object API (no pyplot): no global figure state and no GUI backend is ever chosen.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png_b64(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _colors(methods: Sequence[str]) -> dict[str, str]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def _plot_series(ax, runs_by_method, colors, y_of, *, marker: str = "o") -> int:
+    """One line per run, one colour per method, seeds told apart by line style. Returns how many
+    runs had at least one point."""
+    styles = ("-", "--", ":", "-.")
+    drawn = 0
+    for method, group in runs_by_method.items():
+        labelled = False
+        for i, run in enumerate(group):
+            t = run.column("time_s")
+            y = y_of(run)
+            if not len(t) or not len(y):
+                continue
+            ok = np.isfinite(t) & np.isfinite(y)
+            if not ok.any():
+                continue
+            ax.plot(
+                t[ok],
+                y[ok],
+                color=colors[method],
+                linestyle=styles[i % len(styles)],
+                # markers only on short series, where a line alone may be a single invisible point
+                marker=marker if ok.sum() < 30 else None,
+                markersize=3,
+                linewidth=1.2,
+                label=None if labelled else method,
+            )
+            labelled = True
+            drawn += 1
+    return drawn
+
+
+def _no_data(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} logged", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_wasserstein(runs_by_method, colors) -> str:
+    fig = _figure(5.6, 3.6)
+    ax = fig.add_subplot()
+    if _plot_series(ax, runs_by_method, colors, lambda r: r.column("wasserstein")):
+        ax.axhline(0.0, color="0.6", linewidth=0.8)
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel("E[D(real)] − E[D(fake)]")
+        ax.legend(fontsize=8)
+    else:
+        _no_data(ax, "Wasserstein estimate")
+    ax.set_title("Wasserstein estimate")
+    return _png_b64(fig)
+
+
+def plot_fid(runs_by_method, colors) -> str:
+    fig = _figure(5.6, 3.6)
+    ax = fig.add_subplot()
+    if _plot_series(ax, runs_by_method, colors, lambda r: r.column("fid"), marker="o"):
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel("FID (logged while training)")
+        ax.legend(fontsize=8)
+        # Log scale only when FID spans more than a decade (early FIDs dwarf late ones).
+        fids = np.concatenate(
+            [_finite(r.column("fid")) for g in runs_by_method.values() for r in g]
+        )
+        if fids.size and fids.min() > 0 and fids.max() / fids.min() > 10:
+            ax.set_yscale("log")
+    else:
+        _no_data(ax, "FID")
+    ax.set_title("FID during training")
+    return _png_b64(fig)
+
+
+def plot_lipschitz(runs_by_method, colors) -> str:
+    """One panel per method (shared log y axis): the largest gradient norm seen (solid, a lower
+    bound on Lip(D)) and the product bound (dotted with markers, an upper bound) against time,
+    with the target Lip(D) = 1. Panels, not one crowded plot: seven methods times two bounds
+    times the seeds would be unreadable overlaid."""
+    methods = list(runs_by_method)
+    ncols = max(1, min(4, len(methods)))
+    nrows = math.ceil(len(methods) / ncols)
+    fig = _figure(3.2 * ncols + 0.6, 2.6 * nrows + 0.7)
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    drawn = 0
+    for ax, method in zip(axes, methods):
+        panel = 0
+        for i, run in enumerate(runs_by_method[method]):
+            t = run.column("time_s")
+            if not len(t):
+                continue
+            for y, style, marker in (
+                (run.max_grad_norm(), "-", "o"),
+                (run.column("product_bound"), ":", "s"),
+            ):
+                ok = np.isfinite(t) & np.isfinite(y) & (y > 0)
+                if not ok.any():
+                    continue
+                ax.plot(
+                    t[ok],
+                    y[ok],
+                    color=colors[method],
+                    linestyle=style,
+                    # dots on a short solid series, so that a single point still shows
+                    marker=marker if style == ":" or ok.sum() < 30 else None,
+                    markersize=3,
+                    linewidth=1.2,
+                    alpha=1.0 if i == 0 else 0.55,
+                )
+                panel += 1
+        ax.axhline(1.0, color="black", linewidth=1.0, linestyle="--")
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("wall time (s)", fontsize=8)
+        ax.tick_params(labelsize=8)
+        if not panel:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        drawn += panel
+    for ax in axes[len(methods) :]:
+        ax.set_visible(False)
+    if drawn:
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel("Lip(D)")
+    from matplotlib.lines import Line2D
+
+    fig.legend(
+        handles=[
+            Line2D([], [], color="0.3", linestyle="-", label="max ‖∇D(x)‖ (lower bound)"),
+            Line2D([], [], color="0.3", linestyle=":", marker="s", label="product bound (upper)"),
+            Line2D([], [], color="black", linestyle="--", label="target 1"),
+        ],
+        loc="outside upper center",
+        ncol=3,
+        fontsize=8,
+    )
+    return _png_b64(fig)
