@@ -365,7 +365,7 @@ def _run_rank(
     stream=None,
 ) -> Path:
     """Train one rank of a run; every rank returns the run folder."""
-    from lipgan import data, runs
+    from lipgan import data
     from lipgan.train.loop import Session
 
     device = _device_for(cfg, local_rank, world)
@@ -397,7 +397,7 @@ def _run_rank(
                     )
                 session = Session(cfg, resume=resume, stream=stream, images=images)
                 ckpt = session.run_dir.last_checkpoint
-                state = runs.load_checkpoint(ckpt) if resume and ckpt.is_file() else None
+                state = session.run_dir.load_checkpoint() if resume and ckpt.is_file() else None
                 payload = {"cfg": session.cfg.to_dict(), "resume_state": state is not None}
             except LipganError as exc:
                 payload, state = {"error": str(exc)}, None

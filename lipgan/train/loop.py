@@ -126,7 +126,7 @@ class Session:
         cfg = with_constraint(resolve(cfg), constraint)
         if not cfg.out:
             cfg = cfg.replace(out=default_out(cfg))
-        run = runs.Run(cfg.out)
+        run = runs.RunFolder(cfg.out)
         state = None
         if resume:
             if not run.config_path.is_file() and not run.last_checkpoint.is_file():
@@ -134,7 +134,7 @@ class Session:
             if run.config_path.is_file():
                 check_resume(cfg, run.read_config(), run.path)
             if run.last_checkpoint.is_file():
-                state = runs.load_checkpoint(run.last_checkpoint)
+                state = run.load_checkpoint()  # manifest and structure checked here
         elif run.exists():
             raise LipganError(
                 f"{run.path} already holds a run; continue it with `lipgan train --resume "
@@ -163,6 +163,9 @@ class Session:
             run.write_config(cfg.to_dict())
             run.truncate_logs(trainer.step)
             run.remove_partials()
+            if state is not None and run.stale_exports(state):
+                # a kill between the exports and last.pt, or a folder of an older version
+                run.write_exports(self._exports(trainer))
         else:
             run.create(cfg.to_dict())
         self.cfg, self.run_dir, self.trainer, self.stream = cfg, run, trainer, stream
@@ -302,30 +305,29 @@ class Session:
                 if k != "step" and v is not None:
                     self.tb.add_scalar(k, v, step)
 
+    @staticmethod
+    def _exports(trainer: GANTrainer) -> dict[str, runs.Export]:
+        model = trainer.cfg.model
+        return {
+            "generator": runs.Export(trainer.generator, model, dict(trainer.gen_kwargs)),
+            "critic": runs.Export(trainer.critic, model, dict(trainer.critic_kwargs)),
+        }
+
     @isolated_rng()
     def _checkpoint(self, keep: bool) -> None:
-        """The exports, then ``last.pt`` (which names the step they are of): a kill between the
-        two leaves an older checkpoint, which a resume rewrites the exports from."""
-        trainer, run, cfg = self.trainer, self.run_dir, self.cfg
-        for kind, net, kwargs in (
-            ("generator", trainer.generator, trainer.gen_kwargs),
-            ("critic", trainer.critic, trainer.critic_kwargs),
-        ):
-            path = run.path / f"{kind}.safetensors"
-            runs.export_network(net, path, kind, cfg.model, dict(kwargs))
-        state = trainer.state_dict()
+        """The exports, then ``last.pt`` naming them (RunFolder.save_checkpoint's order): a kill
+        between the two leaves the older checkpoint, and its resume rewrites the exports."""
+        state = self.trainer.state_dict()
         state["wall_s"] = self.wall()
-        state["config"] = cfg.to_dict()
-        runs.save_checkpoint(run.last_checkpoint, state)
-        if keep:
-            runs.save_checkpoint(run.checkpoint_path(trainer.step), state)
+        state["config"] = self.cfg.to_dict()
+        self.run_dir.save_checkpoint(state, self._exports(self.trainer), keep=keep)
 
     def _non_finite(self, step: int, losses: dict[str, float]) -> None:
         """Roll back to the last checkpoint with lower learning rates, or stop the run."""
         cfg, trainer, ckpt = self.cfg, self.trainer, self.run_dir.last_checkpoint
         if cfg.on_nan == "rollback" and self.rollbacks < cfg.max_rollbacks:
             self.rollbacks += 1
-            state = runs.load_checkpoint(ckpt)
+            state = self.run_dir.load_checkpoint()
             scale = float(state.get("lr_scale", 1.0)) * cfg.nan_lr_factor
             trainer.load_state_dict(state, source=str(ckpt))
             trainer.set_lr_scale(scale)
