@@ -96,10 +96,10 @@ def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
-    from lipgan.train import distributed, loop
+    from lipgan.train import distributed, launch, loop
 
     cfg = config_from_args(args)
-    path = distributed.maybe_run(cfg, args.nproc, resume=bool(args.resume))
+    path = launch.maybe_run(cfg, args.nproc, resume=bool(args.resume))
     if path is None:
         path = loop.train(cfg, resume=bool(args.resume))
     if distributed.is_main_process():
