@@ -57,6 +57,10 @@ def _weights(path: Path) -> dict:
     return {f"{n}.{k}": v for n in ("generator", "critic") for k, v in state[n].items()}
 
 
+def _ema(path: Path) -> dict:
+    return runs.load_checkpoint(runs.Run(path).last_checkpoint)["ema"]["module"]
+
+
 def test_a_registered_user_constraint_trains_resumes_bit_exactly_and_is_recorded(tiny, tmp_path):
     whole = loop.train(_cfg(tiny, tmp_path, steps=4, out=str(tmp_path / "whole")),
                        constraint=NoisyDecay(lam=2e-3))  # fmt: skip
@@ -73,6 +77,12 @@ def test_a_registered_user_constraint_trains_resumes_bit_exactly_and_is_recorded
     loop.train(again, resume=True)
     a, b = _weights(whole), _weights(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = _ema(whole), _ema(part)  # the generator's moving average (on by default) too
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema = runs.load_network(whole / "generator_ema.safetensors", "generator")
+    raw = runs.load_network(whole / "generator.safetensors", "generator")
+    assert ema.state_dict().keys() == raw.state_dict().keys()
+    assert not all(torch.equal(ema.state_dict()[k], raw.state_dict()[k]) for k in ema.state_dict())
     assert runs.load_checkpoint(runs.Run(part).last_checkpoint)["extra"]["critic"]["calls"] == 20
 
 

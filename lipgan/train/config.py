@@ -386,6 +386,11 @@ class TrainConfig(Config):
     fid_every: int = option(0, "FID every N steps (0: at the end only; -1: never)", low=-1)
     fid_n: int = option(2000, "samples per FID", low=2, high=MAX_SAMPLES)
     n_samples: int = option(64, "images in each sample grid", low=1, high=4096)
+    ema: float = option(
+        10_000.0, "half-life in training images of the generator's moving average, exported as "
+        "generator_ema.safetensors (0: none); StyleGAN2-ADA's ramp over the first 5%",
+        low=0.0, high=1e12,
+    )  # fmt: skip
     tensorboard: bool = option(True, "write TensorBoard events to RUN/tb")
     quiet: bool = option(False, "no progress bar")
     # robustness and speed

@@ -35,6 +35,7 @@ from lipgan import lipschitz, models
 from lipgan.errors import LipganError
 from lipgan.train.config import TrainConfig
 from lipgan.train.device import resolve_device
+from lipgan.train.ema import GeneratorEMA
 from lipgan.train.losses import LOSSES, OPTIMIZERS
 from lipgan.train.presets import resolve
 from lipgan.train.rng import isolated_rng, rng_state, set_rng_state
@@ -138,8 +139,8 @@ class GANTrainer:
             self.g_forward = torch.compile(self.generator)
             if not self.constraint.needs_input_grad:
                 self.d_forward = torch.compile(self.critic)
-        #: an average of the generator's weights, updated after each generator step (None: off)
-        self.ema = None
+        #: a moving average of the generator's weights (cfg.ema > 0), never read by training
+        self.ema = GeneratorEMA(self.generator, cfg.ema) if cfg.ema else None
 
         self.batches = None
         if images is not None:
@@ -239,7 +240,7 @@ class GANTrainer:
         self.opt_g.step()
         self.gen_constraint.after_step(self.generator)
         if self.ema is not None:
-            self.ema.update(self.generator)
+            self.ema.update(self.generator, self.step + 1, self.cfg.batch_size)
         return {"loss_g": loss.detach()}
 
     def train_step(self, next_real: Callable[[int], torch.Tensor] | None = None) -> dict:
@@ -404,6 +405,8 @@ class GANTrainer:
             self.opt_d.load_state_dict(state["opt_d"])
             if self.ema is not None and "ema" in state:
                 self.ema.load_state_dict(state["ema"])
+            elif self.ema is not None:  # a checkpoint without one: average from here on
+                self.ema = GeneratorEMA(self.generator, self.cfg.ema)
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise LipganError(f"{source} does not fit this run's networks: {first}") from None

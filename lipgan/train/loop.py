@@ -317,10 +317,14 @@ class Session:
     def _checkpoint(self, keep: bool) -> None:
         """The exports, then ``last.pt`` naming them (RunFolder.save_checkpoint's order): a kill
         between the two leaves the older checkpoint, and its resume rewrites the exports."""
-        state = self.trainer.state_dict()
+        trainer, run = self.trainer, self.run_dir
+        if trainer.ema is not None:  # beside the raw generator, before the checkpoint
+            path, kwargs = run.path / "generator_ema.safetensors", dict(trainer.gen_kwargs)
+            runs.export_network(trainer.ema.module, path, "generator", trainer.cfg.model, kwargs)
+        state = trainer.state_dict()
         state["wall_s"] = self.wall()
         state["config"] = self.cfg.to_dict()
-        self.run_dir.save_checkpoint(state, self._exports(self.trainer), keep=keep)
+        run.save_checkpoint(state, self._exports(trainer), keep=keep)
 
     def _non_finite(self, step: int, losses: dict[str, float]) -> None:
         """Roll back to the last checkpoint with lower learning rates, or stop the run."""
