@@ -97,8 +97,9 @@ def _run_rank(
             session.trainer = trainer
             try:
                 session.run()
-            finally:
+            except BaseException:
                 session.close()
+                raise
             path = session.finish()
         else:
             _follow(trainer, run_cfg)

@@ -92,8 +92,9 @@ def train(
     session = Session(cfg, resume=resume, constraint=constraint, stream=stream)
     try:
         session.run()
-    finally:
+    except BaseException:
         session.close()
+        raise
     return session.finish()
 
 
@@ -396,9 +397,9 @@ class Session:
             self.run_dir.close()
 
     def finish(self) -> Path:
-        """Mark the run done when it reached ``cfg.steps`` or its time limit; returns the run
-        folder."""
-        self.close()
+        """Mark the run done when it reached ``cfg.steps`` or its time limit, then close it
+        (the folder's lock is given back); returns the run folder."""
         if self.trainer.step >= self.cfg.steps or self.ended:
             self._status("done")
+        self.close()
         return self.path
