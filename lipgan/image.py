@@ -1,24 +1,30 @@
-"""Image grids and PNG files, written by lipgan itself (zlib + struct; no PIL, no torchvision).
+"""Image grids and PNG files (encoded and decoded by Pillow, which comes with matplotlib).
 
-A PNG is the 8-byte signature, then chunks ``length | type | data | CRC32(type + data)``:
-``IHDR`` (width, height, bit depth 8, colour type 0 = grey or 2 = RGB), one ``IDAT`` holding the
-zlib-compressed rows, each prefixed by its filter byte (0: none), and an empty ``IEND``.
+``make_grid`` tiles generator output into one uint8 picture; ``encode_png``/``write_png`` write
+it (atomically, through :func:`lipgan.runs.atomic_write_bytes`); ``read_png`` reads any 8-bit
+PNG Pillow reads (grey, grey+alpha, RGB, RGBA, palette, interlaced) with bounded size, and every
+bad file is one ``LipganError`` line.
 """
 
 from __future__ import annotations
 
-import os
-import struct
-import tempfile
-import zlib
+import io
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from lipgan.errors import LipganError
+from lipgan.runs.files import atomic_write_bytes, os_error, regular_file
 
-_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: the largest PNG file read (bytes) and the most pixels decoded: a sample grid is far smaller,
+#: and a crafted header cannot make us allocate gigabytes
+MAX_PNG_BYTES = 64 << 20
+MAX_PNG_PIXELS = 1 << 24
+#: the 8-bit Pillow modes a PNG may decode to (16-bit ones are "I;16", "I", ...)
+_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
 
 
 def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
@@ -68,10 +74,6 @@ def make_grid(
     return grid[0] if c == 1 else grid.transpose(1, 2, 0)
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def encode_png(pixels: np.ndarray) -> bytes:
     """PNG bytes of a uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB array."""
     arr = np.ascontiguousarray(pixels)
@@ -79,33 +81,16 @@ def encode_png(pixels: np.ndarray) -> bytes:
         raise LipganError(
             f"encode_png takes uint8 (H, W) or (H, W, 3), got {arr.dtype} {arr.shape}"
         )
-    h, w = arr.shape[:2]
-    colour = 0 if arr.ndim == 2 else 2
-    rows = arr.reshape(h, -1)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter 0
-    header = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)
-    return (
-        _SIGNATURE
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(raw, 6))
-        + _chunk(b"IEND", b"")
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB").save(
+        buf, format="PNG", compress_level=6
     )
+    return buf.getvalue()
 
 
 def write_png(path: str | Path, pixels: np.ndarray) -> Path:
     """Write ``pixels`` (see :func:`encode_png`) to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = encode_png(pixels)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, encode_png(pixels))
 
 
 def save_grid(
@@ -118,58 +103,53 @@ def save_grid(
     return write_png(path, make_grid(images, nrow=nrow, value_range=value_range))
 
 
-def read_png(path: str | Path) -> np.ndarray:
-    """Read an 8-bit grey or RGB, non-interlaced PNG (all five row filters) into a uint8 array."""
-    data = Path(path).read_bytes()
-    if not data.startswith(_SIGNATURE):
+def _open_png(path: Path) -> Image.Image:
+    regular_file(path, MAX_PNG_BYTES, "a PNG")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise os_error(exc, path) from None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         raise LipganError(f"{path}: not a PNG file")
-    pos, idat, header = 8, b"", None
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        if zlib.crc32(kind + body) != crc:
-            raise LipganError(f"{path}: CRC mismatch in chunk {kind!r}")
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat += body
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
-    if header is None:
-        raise LipganError(f"{path}: PNG without IHDR")
-    w, h, depth, colour, _, _, interlace = header
-    if depth != 8 or colour not in (0, 2) or interlace:
-        raise LipganError(f"{path}: only 8-bit grey/RGB non-interlaced PNGs are supported")
-    bpp = 1 if colour == 0 else 3
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * bpp)
-    out = np.zeros((h, w * bpp), np.int32)
-    prev = np.zeros(w * bpp, np.int32)
-    for y in range(h):
-        f, line = raw[y, 0], raw[y, 1:].astype(np.int32)
-        if f in (0, 2):  # no filter / "up": no dependence along the row, so vectorized
-            cur = line if f == 0 else (line + prev) & 0xFF
-            out[y], prev = cur, cur
-            continue
-        cur = np.zeros(w * bpp, np.int32)
-        for i in range(w * bpp):
-            a = cur[i - bpp] if i >= bpp else 0
-            b = prev[i]
-            c = prev[i - bpp] if i >= bpp else 0
-            if f == 0:
-                pred = 0
-            elif f == 1:
-                pred = a
-            elif f == 2:
-                pred = b
-            elif f == 3:
-                pred = (a + b) // 2
-            else:
-                pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
-                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-            cur[i] = (line[i] + pred) & 0xFF
-        out[y], prev = cur, cur
-    out = out.astype(np.uint8)
-    return out if colour == 0 else out.reshape(h, w, 3)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=["PNG"])
+            w, h = im.size
+            if w * h > MAX_PNG_PIXELS:
+                raise LipganError(
+                    f"{path}: a {w}x{h} PNG; at most {MAX_PNG_PIXELS} pixels are decoded"
+                )
+            if im.mode not in _MODES:
+                raise LipganError(
+                    f"{path}: PNG with bit depth 16 (Pillow mode {im.mode}) is not supported; "
+                    "save 8-bit grayscale, RGB or RGBA"
+                )
+            im.load()  # decodes, and checks the chunk CRCs and the zlib stream
+    except LipganError:
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LipganError(f"{path}: corrupt PNG ({first[:160]})") from None
+    return im
+
+
+def read_png(path: str | Path, *, gray: bool = False) -> np.ndarray:
+    """A PNG file as uint8: ``(H, W)`` for grey, else ``(H, W, 3)`` RGB; with ``gray``, always
+    ``(H, W)`` luma (ITU-R BT.601 weights ``0.299 R + 0.587 G + 0.114 B``). Alpha is
+    composited over black (MNIST's background); palettes are expanded; 16-bit images are
+    refused."""
+    path = Path(path)
+    im = _open_png(path)
+    if im.mode in ("1", "P", "PA"):
+        im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+    pix = np.asarray(im, dtype=np.float64)
+    if pix.ndim == 2:
+        pix = pix[..., None]
+    if im.mode in ("LA", "RGBA"):  # composite over black
+        pix = pix[..., :-1] * (pix[..., -1:] / 255.0)
+    if pix.shape[-1] == 3 and gray:
+        pix = pix @ np.array([0.299, 0.587, 0.114])
+    elif pix.shape[-1] == 1:
+        pix = pix[..., 0]
+    return np.clip(np.rint(pix), 0, 255).astype(np.uint8)

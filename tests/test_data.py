@@ -46,6 +46,7 @@ class Mirror:
 
     def __init__(self, folder: Path, mode: str = "ok") -> None:
         self.folder, self.mode, self.requests = folder, mode, []
+        self.done = threading.Event()
         mirror = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -69,6 +70,11 @@ class Mirror:
                     self.wfile.flush()
                     self.connection.shutdown(2)
                     return
+                if mirror.mode == "stall":  # half the file, then nothing until the test ends
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    mirror.done.wait(60)
+                    return
                 self.wfile.write(body)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -83,12 +89,14 @@ class Mirror:
         return self
 
     def __exit__(self, *exc):
+        self.done.set()
         self.server.shutdown()
         self.server.server_close()
 
 
 def _cache_files(cache: Path) -> list[str]:
-    return sorted(p.name for p in cache.rglob("*") if p.is_file())
+    """Files in the cache, less the fetch lock (an empty file that is never a download)."""
+    return sorted(p.name for p in cache.rglob("*") if p.is_file() and p.name != ".lock")
 
 
 def test_fetch_from_http_mirror_verifies_and_loads(tmp_path, mnist_gz):
@@ -116,6 +124,59 @@ def test_fetch_dropped_connection_leaves_no_partial_file(tmp_path, mnist_gz):
         with pytest.raises(LipganError, match="could not fetch mnist"):
             data.fetch("mnist", cache=tmp_path, mirrors=[mirror.url], use_npm=False)
     assert _cache_files(tmp_path) == []
+
+
+_FETCH = """
+from lipgan import data
+data.fetch("mnist", cache={cache!r}, mirrors=[{url!r}], use_npm=False)
+"""
+
+
+def test_killed_download_leaves_a_part_file_that_the_next_fetch_removes(tmp_path, mnist_gz):
+    """SIGKILL mid-download (a real HTTP server on 127.0.0.1 that stalls after half a file):
+    the .part file stays, the next fetch removes it and installs verified files."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "mnist"
+    with Mirror(mnist_gz, mode="stall") as slow:
+        code = _FETCH.format(cache=str(tmp_path), url=slow.url)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while not any(p.name.endswith(".part") for p in folder.glob(".*")):
+                assert proc.poll() is None and time.monotonic() < deadline, "no .part file"
+                time.sleep(0.05)
+            time.sleep(0.3)  # let it write its half
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    parts = [p for p in folder.glob(".*") if p.name.endswith(".part")]
+    assert len(parts) == 1 and parts[0].stat().st_size > 0
+    with Mirror(mnist_gz) as mirror:
+        rep = data.fetch("mnist", cache=tmp_path, mirrors=[mirror.url], use_npm=False)
+    assert "removed 1 partial file(s) of killed downloads" in rep.tried
+    assert not parts[0].exists()
+    assert _cache_files(tmp_path) == sorted(
+        [f"{s.name}.gz" for s in data.MNIST.files.values()] + ["source.json"]
+    )
+
+
+def test_fetch_with_a_bad_mirror_url_is_one_line(capsys, tmp_path):
+    argv = ["data", "fetch", "mnist", "--cache", str(tmp_path), "--mirror", "not a url"]
+    assert cli_main([*argv, "--no-npm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a URL" in err
+
+
+def test_fetch_into_a_file_is_one_line(tmp_path):
+    (tmp_path / "mnist").write_text("x")
+    with pytest.raises(LipganError, match="a file is where a folder is expected"):
+        data.fetch("mnist", cache=tmp_path, mirrors=["http://127.0.0.1:9/"], use_npm=False)
 
 
 def test_fetch_falls_over_from_404_to_next_mirror(tmp_path, mnist_gz):

@@ -343,3 +343,23 @@ def test_ladder_is_monotone_and_documented_order():
     assert lad["train-10000 vs test"] < lad["noise 0.1"] < lad["noise 0.25"] < lad["noise 0.5"]
     assert lad["blur 1.0"] < lad["blur 2.0"]
     json.dumps(lad)
+
+
+def test_metrics_commands_refuse_bad_sizes_and_unwritable_out_before_any_work(tmp_path, capsys):
+    import time
+
+    from lipgan.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    t0 = time.process_time()
+    for argv, says in (
+        (["train-extractor", "mnist", "--out", str(afile)], "a file is where a folder"),
+        (["train-extractor", "mnist", "--epochs", "100000000"], "--epochs must be"),
+        (["ladder", "mnist", "--n", "1000000000"], "--n must be an integer from 128 to 60000"),
+    ):
+        assert main(["metrics", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    assert time.process_time() - t0 < 5  # nothing was trained or scored
+    assert afile.read_text() == "x"

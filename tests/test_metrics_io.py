@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
-import types
 import zlib
 
 import numpy as np
@@ -104,7 +102,8 @@ def test_png_round_trip_with_own_writer(tmp_path):
     ("kw", "message"),
     [
         (dict(depth=16), "bit depth 16"),
-        (dict(interlace=1), "interlace 1"),
+        # rows written without Adam7 passes under an interlace flag: Pillow finds them short
+        (dict(interlace=1), "corrupt PNG"),
     ],
 )
 def test_png_unsupported_forms(tmp_path, kw, message):
@@ -241,17 +240,14 @@ def test_cli_eval_run_writes_eval_json(tmp_path, mnist, monkeypatch, capsys):
         seen["args"] = (path, which)
         return gen
 
-    fake = types.ModuleType("lipgan.runs")
-    fake.load_network = load_network
-    import lipgan
+    from lipgan.metrics import sampling
 
-    monkeypatch.setitem(sys.modules, "lipgan.runs", fake)
-    monkeypatch.setattr(lipgan, "runs", fake, raising=False)
+    monkeypatch.setattr(sampling, "load_network", load_network)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("dataset: mnist\nmethod: wgan-gp\n")
     assert main(["eval", str(run), "--n", "400"]) == 0
-    assert seen["args"] == (str(run), "generator")
+    assert seen["args"] == (run, "generator")
     assert gen.calls == 1  # 400 samples in one batch of 500
     res = json.loads((run / "eval.json").read_text())
     assert list(res) == list(metrics.EVAL_KEYS) and res["n"] == 400
@@ -275,7 +271,7 @@ def test_cli_eval_run_with_real_run_folder(tmp_path, capsys):
     saved = json.loads((run / "eval.json").read_text())
     assert printed == saved and saved["n"] == 256
     # The same samples scored by the library directly.
-    from lipgan.cli.eval import generate
+    from lipgan.metrics.sampling import generate
 
-    x = generate(runs.load_network(run, "generator"), 16, 256, seed=0)
+    x = generate(runs.load_network(run, "generator"), 256, seed=0)
     assert saved == pytest.approx(metrics.evaluate(x, "mnist"), rel=1e-12)

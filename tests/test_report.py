@@ -276,7 +276,39 @@ def test_markdown_summary_in_the_compare_order_with_failures(tmp_path, capsys):
     table = report.markdown_summary([cmp])
     lines = table.splitlines()
     assert lines[0].startswith("| method | done | FID |") and len(lines) == 4
-    assert lines[2].startswith("| snr | 0/1 | non-finite / loss |")  # order from compare.json
+    assert lines[2].startswith("| snr | 0/1 | non-finite \\| loss |")  # order from compare.json
     assert lines[3].startswith("| sn | 2/2 | 12 ± 2.83 |")
     assert main(["report", str(cmp), "--markdown"]) == 0
     assert capsys.readouterr().out == table
+
+
+def test_hand_edited_run_folders_give_one_line_errors_or_empty_cells(tmp_path, capsys):
+    """Red-team finding 15: NaN/inf numbers, non-UTF-8 files and markup in names."""
+    from lipgan.cli import main
+
+    nan = make_run(tmp_path / "nan", "sn", 0, rows=_rows(3, 1, 30))
+    (nan / "config.yaml").write_text("method: sn\nseed: .nan\n")
+    (nan / "status.json").write_text('{"state": "done", "step": NaN, "wall_s": Infinity}')
+    inf = make_run(tmp_path / "inf", "a|b<b>x</b>", 1, rows=_rows(3, 1, 30))
+    (inf / "config.yaml").write_text("method: a|b<b>x</b>\nseed: .inf\n")
+    for argv in (["report", str(nan), str(inf), "--out", str(tmp_path / "r.html")],
+                 ["report", str(nan), str(inf), "--markdown"]):  # fmt: skip
+        assert main(argv) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert any(line.startswith("| a\\|b&lt;b&gt;x&lt;/b&gt; |") for line in table)
+    cols = table[0].count(" | ")  # the rule line (table[1]) has no spaces
+    assert len(table) == 4 and all(line.count(" | ") == cols for line in table[2:])
+    run = report.load_run(nan)
+    assert run.seed is None and run.steps_done == 3 and run.wall_s is not None
+    for name, data in (("config.yaml", b"\xff\xfe method"), ("metrics.csv", b"step\n\xff\n")):
+        broken = make_run(tmp_path / f"broken-{name}", "sn", 0, rows=_rows(2, 1, 30))
+        (broken / name).write_bytes(data)
+        assert main(["report", str(broken), "--out", str(tmp_path / "x.html")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{name}: not UTF-8" in err, err
+        assert not (tmp_path / "x.html").exists()
+    yaml_bad = make_run(tmp_path / "yaml", "sn", 0)
+    (yaml_bad / "config.yaml").write_text("method: [unclosed\n")
+    assert main(["report", str(yaml_bad), "--markdown"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not valid YAML" in err

@@ -49,8 +49,9 @@ def _info(args) -> int:
     print(f"dataset {rep['name']}  folder {rep['folder']}  source {rep['source']}")
     print("classes: " + ", ".join(f"{i}={c}" for i, c in enumerate(ds.classes)))
     for split, s in rep["splits"].items():
-        print(
-            f"{split:5s} n={s['n']:6d}  pixel mean {s['pixel_mean']:.4f}  std {s['pixel_std']:.4f}"
+        mean, std = (
+            "–" if s[k] is None else f"{s[k]:.4f}" for k in ("pixel_mean", "pixel_std")
         )
+        print(f"{split:5s} n={s['n']:6d}  pixel mean {mean}  std {std}")
         print(f"      per class: {' '.join(str(c) for c in s['per_class'])}")
     return 0

@@ -21,7 +21,12 @@ def register(sub) -> None:
         default=None,
         help="mnist or fashion-mnist (default: the run's dataset, else mnist)",
     )
-    p.add_argument("--n", type=int, default=10000, help="samples to generate/score (default 10000)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=10000,
+        help="samples to generate/score (default 10000, at most 200000)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the latent draws and subsets")
     p.add_argument("--batch-size", type=int, default=500, help="generation batch size")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -42,9 +47,11 @@ def _eval_samples(args) -> int:
     import sys
 
     from lipgan import metrics
-    from lipgan.metrics import samples_io
+    from lipgan.metrics import samples_io, sampling
 
     dataset = args.dataset or "mnist"
+    sampling.check_range("--n", args.n, 0, sampling.MAX_N)  # 0: every image of the file
+    sampling.check_range("--seed", args.seed, 0, sampling.MAX_SEED)
     x, said = samples_io.load_samples(args.samples)
     n = min(args.n, x.shape[0]) if args.n else x.shape[0]
     # Stated on stderr so that --json output stays one parseable object.
@@ -58,78 +65,27 @@ def _eval_run(args) -> int:
     import sys
     from pathlib import Path
 
-    from lipgan import metrics
-    from lipgan.errors import LipganError
+    from lipgan.metrics import sampling
 
-    run = Path(args.run)
-    if not run.exists():
-        raise LipganError(f"{run}: no such run folder or file")
-    try:
-        from lipgan import runs
-    except ImportError:
-        raise LipganError("lipgan.runs is not available in this installation") from None
-    dataset = args.dataset or _run_dataset(run) or "mnist"
-    gen = runs.load_network(str(run), "generator")
-    z_dim = getattr(gen, "z_dim", None)
-    if not isinstance(z_dim, int):
-        raise LipganError(f"{run}: the generator has no integer attribute z_dim")
-    if args.n < metrics.FEATURE_DIM:
-        raise LipganError(f"--n must be at least {metrics.FEATURE_DIM}, got {args.n}")
-    x = generate(gen, z_dim, args.n, seed=args.seed, batch_size=args.batch_size)
-    res = metrics.evaluate(x, dataset=dataset, details=True, seed=args.seed)
-    out = {k: res[k] for k in metrics.EVAL_KEYS}
-    if run.is_dir():
-        _write_json(run / "eval.json", out)
-        print(f"wrote {run / 'eval.json'}", file=sys.stderr)
+    res = sampling.evaluate_run(
+        args.run,
+        n=args.n,
+        dataset=args.dataset,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        details=True,
+    )
+    if Path(args.run).is_dir():
+        print(f"wrote {Path(args.run) / 'eval.json'}", file=sys.stderr)
     _print(res, args.json)
     return 0
 
 
 def generate(gen, z_dim: int, n: int, seed: int = 0, batch_size: int = 500):
-    """``n`` samples of ``gen`` from z ~ N(0, I) drawn with ``seed``, in eval mode, on CPU."""
-    import torch
+    """Kept for benchmarks/bench_eval.py: :func:`lipgan.metrics.sampling.generate`."""
+    from lipgan.metrics import sampling
 
-    g = torch.Generator().manual_seed(seed)
-    gen.eval()
-    first = next(iter(gen.parameters()), None)
-    if first is None:
-        first = next(iter(gen.buffers()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    outs = []
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            z = torch.randn(min(batch_size, n - start), z_dim, generator=g)
-            outs.append(gen(z.to(device)).float().cpu())
-    return torch.cat(outs)
-
-
-def _run_dataset(run) -> str | None:
-    cfg = run / "config.yaml" if run.is_dir() else None
-    if cfg is None or not cfg.is_file():
-        return None
-    try:
-        import yaml
-
-        data = yaml.safe_load(cfg.read_text()) or {}
-    except (OSError, ValueError):
-        return None
-    value = data.get("dataset") if isinstance(data, dict) else None
-    return value if value in ("mnist", "fashion-mnist") else None
-
-
-def _write_json(path, obj) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    return sampling.generate(gen, n, seed=seed, batch_size=batch_size)
 
 
 def _print(res: dict, as_json: bool) -> None:

@@ -41,8 +41,12 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
-    from lipgan.metrics import extractor
+    from lipgan.metrics import extractor, sampling
+    from lipgan.runs.files import check_writable
 
+    if args.epochs is not None:
+        sampling.check_range("--epochs", args.epochs, 1, 1000)
+    check_writable(args.out or extractor.WEIGHTS_DIR)  # before minutes of training, not after
     net, rec = extractor.train(args.name, seed=args.seed, epochs=args.epochs)
     path = extractor.save(net, rec, args.out)
     print(
@@ -56,7 +60,10 @@ def _ladder(args) -> int:
     import json
 
     from lipgan import metrics
+    from lipgan.metrics import sampling
 
+    sampling.check_range("--n", args.n, metrics.FEATURE_DIM, 60000)  # MNIST's training set
+    sampling.check_range("--seed", args.seed, 0, sampling.MAX_SEED)
     res = metrics.ladder(args.name, n=args.n, seed=args.seed, full=args.full)
     if args.json:
         print(json.dumps(res, indent=2))

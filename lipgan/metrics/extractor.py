@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipgan.errors import LipganError
+from lipgan.runs.files import atomic_write_bytes, atomic_write_text, make_dirs, sha256_file
 
 FEATURE_DIM = 128
 # Bumped whenever the meaning of the features changes without a change of the weights (e.g. which
@@ -88,14 +87,6 @@ def weights_path(dataset: str) -> Path:
 
 def record_path(dataset: str) -> Path:
     return WEIGHTS_DIR / f"{dataset}.json"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_dataset(dataset: str) -> None:
@@ -297,34 +288,16 @@ def train(
 
 def save(net: Extractor, rec: dict, out_dir: str | Path | None = None) -> Path:
     """Write ``<dataset>.safetensors`` and ``<dataset>.json`` (with the SHA-256) atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as to_bytes
 
-    out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(Path(out_dir) if out_dir is not None else WEIGHTS_DIR)
     name = rec["dataset"]
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".part-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"lipgan_kind": "extractor", "dataset": name})
-        rec = dict(rec, sha256=sha256_file(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; shipped weights must be readable
-        os.replace(tmp, out / f"{name}.safetensors")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _write_atomic(out / f"{name}.json", json.dumps(rec, indent=2) + "\n")
+    data = to_bytes(state, metadata={"lipgan_kind": "extractor", "dataset": name})
+    rec = dict(rec, sha256=hashlib.sha256(data).hexdigest())
+    atomic_write_bytes(out / f"{name}.safetensors", data)
+    atomic_write_text(out / f"{name}.json", json.dumps(rec, indent=2) + "\n")
     _CACHE.pop(name, None)
     return out / f"{name}.safetensors"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

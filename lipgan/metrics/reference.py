@@ -9,16 +9,18 @@ half-written cache behind.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lipgan.errors import LipganError
 from lipgan.metrics import extractor as ex
 from lipgan.metrics import scores
+from lipgan.runs.files import atomic_write_bytes
 
 
 @dataclass
@@ -112,22 +114,20 @@ def _read(path: Path, dataset: str, split: str, sha: str) -> Reference | None:
 
 
 def _write(path: Path, ref: Reference) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-", suffix=".npz")
+    """Cache ``ref`` at ``path`` (atomically). A cache that cannot be written (read-only, full)
+    costs a recomputation next time, not this evaluation: it is said once on stderr."""
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        sha256=np.array(ref.sha256),
+        mu=ref.mu,
+        sigma=ref.sigma,
+        class_counts=ref.class_counts,
+        features=ref.features if ref.features is not None else np.zeros((0,), np.float32),
+        radii3=ref.radii[0] if ref.radii is not None else np.zeros((0,)),
+        radii5=ref.radii[1] if ref.radii is not None else np.zeros((0,)),
+    )
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                sha256=np.array(ref.sha256),
-                mu=ref.mu,
-                sigma=ref.sigma,
-                class_counts=ref.class_counts,
-                features=ref.features if ref.features is not None else np.zeros((0,), np.float32),
-                radii3=ref.radii[0] if ref.radii is not None else np.zeros((0,)),
-                radii5=ref.radii[1] if ref.radii is not None else np.zeros((0,)),
-            )
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users of the folder
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_bytes(path, buf.getvalue())
+    except LipganError as exc:
+        print(f"lipgan: not caching the reference statistics: {exc}", file=sys.stderr)

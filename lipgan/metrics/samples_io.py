@@ -1,130 +1,35 @@
 """Reading sample sets made by any generator: .npy / .npz arrays and folders of PNG files.
 
-The PNG reader is a small one of our own (zlib + struct, PNG specification, W3C 2003): 8-bit
-grayscale, gray+alpha, RGB and RGBA, non-interlaced. Color is reduced to luma (ITU-R BT.601
-weights) and alpha is composited over black, MNIST's background.
+PNGs are decoded by Pillow through :func:`lipgan.image.read_png` (any 8-bit grey, grey+alpha,
+RGB, RGBA or palette PNG, interlaced or not). Color is reduced to luma (ITU-R BT.601 weights)
+and alpha is composited over black, MNIST's background.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lipgan import image
 from lipgan.errors import LipganError
+from lipgan.runs.files import os_error, regular_file
 
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
-_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # color type -> samples per pixel
 _MAX_FILES = 1_000_000
+#: the largest .npy/.npz read: 10^6 float32 28x28 images are about 3 GB
+_MAX_ARRAY_BYTES = 4 << 30
 
 
 def read_png(path: str | Path) -> np.ndarray:
     """A PNG file as a uint8 array ``(H, W)`` of gray levels."""
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:8] != _PNG_SIG:
-        raise LipganError(f"{path}: not a PNG file")
-    pos, header, idat = 8, None, []
-    while pos + 8 <= len(raw):
-        (length,) = struct.unpack(">I", raw[pos : pos + 4])
-        ctype = raw[pos + 4 : pos + 8]
-        body = raw[pos + 8 : pos + 8 + length]
-        if len(body) < length:
-            raise LipganError(f"{path}: truncated PNG chunk {ctype!r}")
-        if ctype == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body[:13])
-        elif ctype == b"IDAT":
-            idat.append(body)
-        elif ctype == b"IEND":
-            break
-        pos += 12 + length  # length, type, body, CRC
-    if header is None or not idat:
-        raise LipganError(f"{path}: PNG without IHDR or IDAT chunk")
-    width, height, depth, color, _, _, interlace = header
-    if depth != 8 or color not in _CHANNELS or interlace != 0:
-        raise LipganError(
-            f"{path}: PNG with bit depth {depth}, color type {color}, interlace {interlace} is not "
-            "supported; save 8-bit grayscale, RGB or RGBA without interlacing"
-        )
-    ch = _CHANNELS[color]
-    try:
-        data = zlib.decompress(b"".join(idat))
-    except zlib.error as exc:
-        raise LipganError(f"{path}: corrupt PNG image data ({exc})") from None
-    stride = width * ch
-    if len(data) != height * (stride + 1):
-        raise LipganError(f"{path}: PNG image data has the wrong size for {width}x{height}")
-    img = _unfilter(data, height, stride, ch, path)
-    pix = img.reshape(height, width, ch).astype(np.float64)
-    if ch in (2, 4):  # composite over black
-        pix = pix[..., :-1] * (pix[..., -1:] / 255.0)
-    if pix.shape[-1] == 3:
-        gray = pix @ np.array([0.299, 0.587, 0.114])
-    else:
-        gray = pix[..., 0]
-    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
-
-
-def _unfilter(data: bytes, height: int, stride: int, bpp: int, path: Path) -> np.ndarray:
-    """Undo the per-row PNG filters (0 none, 1 sub, 2 up, 3 average, 4 Paeth)."""
-    out = np.zeros((height, stride), dtype=np.uint8)
-    prior = np.zeros(stride, dtype=np.int64)
-    for y in range(height):
-        ftype = data[y * (stride + 1)]
-        row = np.frombuffer(data, np.uint8, stride, y * (stride + 1) + 1).astype(np.int64)
-        if ftype == 0:
-            cur = row
-        elif ftype == 1:
-            # Sub is a running sum per channel: vectorize it along each channel.
-            cur = row.copy()
-            for c in range(bpp):
-                cur[c::bpp] = np.cumsum(row[c::bpp]) & 0xFF
-        elif ftype == 2:
-            cur = (row + prior) & 0xFF
-        elif ftype in (3, 4):
-            r, b = row.tolist(), prior.tolist()
-            cur_l = [0] * stride
-            for i in range(stride):
-                a = cur_l[i - bpp] if i >= bpp else 0
-                if ftype == 3:
-                    cur_l[i] = (r[i] + ((a + b[i]) >> 1)) & 0xFF
-                else:
-                    c = b[i - bpp] if i >= bpp else 0
-                    p = a + b[i] - c
-                    pa, pb, pc = abs(p - a), abs(p - b[i]), abs(p - c)
-                    pred = a if pa <= pb and pa <= pc else (b[i] if pb <= pc else c)
-                    cur_l[i] = (r[i] + pred) & 0xFF
-            cur = np.array(cur_l, dtype=np.int64)
-        else:
-            raise LipganError(f"{path}: unknown PNG filter type {ftype} in row {y}")
-        out[y] = cur
-        prior = cur
-    return out
+    return image.read_png(path, gray=True)
 
 
 def write_png(path: str | Path, img: np.ndarray) -> None:
-    """Write a uint8 ``(H, W)`` gray image as PNG (filter 0); used by tests and examples."""
-    img = np.asarray(img, dtype=np.uint8)
-    h, w = img.shape
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body))
-            + kind
-            + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        )
-
-    rows = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
-    Path(path).write_bytes(
-        _PNG_SIG
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
+    """Write a uint8 ``(H, W)`` gray image as PNG; used by tests and examples."""
+    image.write_png(path, np.asarray(img, dtype=np.uint8))
 
 
 def load_samples(path: str | Path) -> tuple[torch.Tensor, str]:
@@ -136,7 +41,10 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, str]:
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
+        except OSError as exc:
+            raise os_error(exc, path) from None
         if not files:
             raise LipganError(f"{path}: no .png files in this folder")
         if len(files) > _MAX_FILES:
@@ -155,24 +63,38 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, str]:
 
 def _load_array(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise LipganError(
+            f"{path}: unsupported file type; use .npy, .npz or a folder of .png files"
+        )
+    regular_file(path, _MAX_ARRAY_BYTES, "an .npy or .npz file")
     try:
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                for k in ("samples", "images", "x", "arr_0"):
-                    if k in keys:
-                        return z[k]
-                if len(keys) == 1:
-                    return z[keys[0]]
-                raise LipganError(
-                    f"{path}: .npz holds {', '.join(keys) or 'nothing'}; name the array "
-                    "'samples' or store only one"
-                )
-    except (OSError, ValueError) as exc:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            for k in ("samples", "images", "x", "arr_0"):
+                if k in keys:
+                    return z[k]
+            if len(keys) == 1:
+                return z[keys[0]]
+            raise LipganError(
+                f"{path}: .npz holds {', '.join(keys) or 'nothing'}; name the array "
+                "'samples' or store only one"
+            )
+    except LipganError:
+        raise
+    except OSError as exc:
+        if exc.errno is not None:
+            raise os_error(exc, path) from None
         raise LipganError(f"{path}: cannot read array ({exc})") from None
-    raise LipganError(f"{path}: unsupported file type; use .npy, .npz or a folder of .png files")
+    except (ValueError, zipfile.BadZipFile, EOFError, SyntaxError, MemoryError) as exc:
+        # numpy's header parser raises tokenize/SyntaxError for a malformed header
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LipganError(f"{path}: cannot read array ({first[:160]})") from None
+    except Exception as exc:  # e.g. tokenize.TokenError from numpy's header parser
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LipganError(f"{path}: not a readable .npy/.npz file ({first[:160]})") from None
 
 
 def _to_unit_range(arr: np.ndarray, path: Path) -> tuple[torch.Tensor, str]:

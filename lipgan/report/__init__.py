@@ -34,15 +34,14 @@ from lipgan.report.tables import (
     SUMMARY_COLUMNS,
     RunView,
     compare_order,
-    expand_paths,
     group_by_method,
-    is_run_folder,
     load_run,
     markdown_summary,
     mean_std,
     run_row,
     summarize,
 )
+from lipgan.runs.folder import expand_paths, is_run_folder
 
 __all__ = [
     "COST_COLUMNS",

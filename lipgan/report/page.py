@@ -18,13 +18,13 @@ from lipgan.report.tables import (
     EVAL_KEYS,
     RunView,
     compare_order,
-    expand_paths,
     group_by_method,
     load_run,
     run_row,
     summarize,
 )
 from lipgan.runs.files import atomic_write_text
+from lipgan.runs.folder import expand_paths
 
 
 def _fmt(value, digits: int = 4) -> str:

@@ -35,6 +35,19 @@ def _colors(methods: Sequence[str]) -> dict[str, str]:
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
+def _line(ax, t, y, *, positive: bool = False, mark_always: bool = False, **style) -> bool:
+    """Plot the finite points of ``y`` against ``t`` (only ``y > 0`` with ``positive``, for a
+    log axis); markers on short series, where a line alone may be one invisible point. Returns
+    whether anything was drawn."""
+    ok = np.isfinite(t) & np.isfinite(y) & ((y > 0) if positive else True)
+    if not ok.any():
+        return False
+    marker = style.pop("marker")
+    style["marker"] = marker if mark_always or ok.sum() < 30 else None
+    ax.plot(t[ok], y[ok], markersize=3, linewidth=1.2, **style)
+    return True
+
+
 def _plot_series(ax, runs_by_method, colors, y_of, *, marker: str = "o") -> int:
     """One line per run, one colour per method, seeds told apart by line style. Returns how many
     runs had at least one point."""
@@ -47,22 +60,17 @@ def _plot_series(ax, runs_by_method, colors, y_of, *, marker: str = "o") -> int:
             y = y_of(run)
             if not len(t) or not len(y):
                 continue
-            ok = np.isfinite(t) & np.isfinite(y)
-            if not ok.any():
-                continue
-            ax.plot(
-                t[ok],
-                y[ok],
+            if _line(
+                ax,
+                t,
+                y,
                 color=colors[method],
                 linestyle=styles[i % len(styles)],
-                # markers only on short series, where a line alone may be a single invisible point
-                marker=marker if ok.sum() < 30 else None,
-                markersize=3,
-                linewidth=1.2,
+                marker=marker,
                 label=None if labelled else method,
-            )
-            labelled = True
-            drawn += 1
+            ):
+                labelled = True
+                drawn += 1
     return drawn
 
 
@@ -126,21 +134,17 @@ def plot_lipschitz(runs_by_method, colors) -> str:
                 (run.max_grad_norm(), "-", "o"),
                 (run.column("product_bound"), ":", "s"),
             ):
-                ok = np.isfinite(t) & np.isfinite(y) & (y > 0)
-                if not ok.any():
-                    continue
-                ax.plot(
-                    t[ok],
-                    y[ok],
+                panel += _line(
+                    ax,
+                    t,
+                    y,
+                    positive=True,  # a log axis
+                    mark_always=style == ":",
                     color=colors[method],
                     linestyle=style,
-                    # dots on a short solid series, so that a single point still shows
-                    marker=marker if style == ":" or ok.sum() < 30 else None,
-                    markersize=3,
-                    linewidth=1.2,
+                    marker=marker,
                     alpha=1.0 if i == 0 else 0.55,
                 )
-                panel += 1
         ax.axhline(1.0, color="black", linewidth=1.0, linestyle="--")
         ax.set_title(method, fontsize=10)
         ax.set_xlabel("wall time (s)", fontsize=8)

@@ -16,24 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lipgan.errors import LipganError
-from lipgan.runs.folder import RunFolder, expand_paths, is_run_folder
-
-__all__ = [
-    "COST_COLUMNS",
-    "EVAL_KEYS",
-    "MARKDOWN_COLUMNS",
-    "SUMMARY_COLUMNS",
-    "RunView",
-    "compare_order",
-    "expand_paths",
-    "group_by_method",
-    "is_run_folder",
-    "load_run",
-    "markdown_summary",
-    "mean_std",
-    "run_row",
-    "summarize",
-]
+from lipgan.runs.folder import RunFolder, expand_paths
 
 #: eval.json keys in table order, with their headers and whether lower is better.
 EVAL_KEYS: tuple[tuple[str, str, str], ...] = (
@@ -293,6 +276,13 @@ def _md_stat(stat: tuple[float, float] | None) -> str:
     return _md_num(mean) if math.isnan(std) else f"{_md_num(mean)} ± {_md_num(std)}"
 
 
+def _md_cell(text: str) -> str:
+    """A table cell that cannot break the table or smuggle markup: ``|`` escaped, ``<`` and
+    ``>`` as entities, on one line."""
+    text = " ".join(str(text).split())
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def markdown_summary(paths: Iterable[str | os.PathLike], order: Sequence[str] | None = None) -> str:
     """The per-method summary as a Markdown table (mean ± std over finished runs), with a
     ``done/runs`` column; a method whose runs all failed shows the first failure's reason."""
@@ -310,8 +300,8 @@ def markdown_summary(paths: Iterable[str | os.PathLike], order: Sequence[str] | 
         else:
             failed = [r for r in by_method[entry["method"]] if r.state == "failed"]
             reason = (failed[0].reason or "failed") if failed else "not finished"
-            cells += [reason.replace("|", "/")] + ["–"] * (len(MARKDOWN_COLUMNS) - 1)
-        lines.append("| " + " | ".join(cells) + " |")
+            cells += [reason] + ["–"] * (len(MARKDOWN_COLUMNS) - 1)
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

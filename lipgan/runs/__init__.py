@@ -20,8 +20,6 @@ from lipgan.runs.files import (
     atomic_write_text,
     make_dirs,
     os_error,
-    read_bytes,
-    read_text,
 )
 from lipgan.runs.folder import RunFolder, expand_paths, is_run_folder
 from lipgan.runs.manifest import Manifest
@@ -54,8 +52,6 @@ __all__ = [
     "is_run_folder",
     "make_dirs",
     "os_error",
-    "read_bytes",
-    "read_text",
     *_CHECKPOINT_NAMES,
 ]
 

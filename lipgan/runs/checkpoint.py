@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lipgan.errors import LipganError
-from lipgan.runs.files import atomic_write_bytes, read_bytes
+from lipgan.runs.files import atomic_write_bytes
 from lipgan.runs.manifest import Manifest, run_root, tracked_write, verified_read
 
 CHECKPOINT_FORMAT = "lipgan-checkpoint"
@@ -50,7 +50,10 @@ def write_file(path: str | Path, data: bytes) -> Path:
     """Write a checkpoint or export atomically; inside a run folder, record it in the manifest."""
     path = Path(path)
     if _in_run_folder(path):
-        tracked_write(run_root(path), {path: data})
+        from lipgan.runs.folder import RunFolder
+
+        with RunFolder(run_root(path))._writing():  # refused while another process writes
+            tracked_write(run_root(path), {path: data})
     else:
         atomic_write_bytes(path, data)
     return path
@@ -75,7 +78,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise LipganError(f"{path}: no such checkpoint")
-    data = read_bytes(path)
+    # Checked before parsing: a changed file is never unpickled, not even under weights_only.
+    data = verified_read(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "pickle protocol" notes on foreign files
@@ -104,8 +108,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: checkpoint version {state.get('version')} is not supported by this lipgan "
             f"(reads version {CHECKPOINT_VERSION})"
         )
-    # After parsing (a truncated or malicious file keeps its own message), before any use.
-    Manifest(run_root(path)).verify(path, data)
     validate_checkpoint(state, path)
     return state
 
@@ -306,7 +308,7 @@ def export_bytes(module: nn.Module, kind: str, name: str, kwargs: Mapping[str, A
 
     Metadata: ``lipgan_kind`` (generator / critic / classifier), ``lipgan_model`` (the registry
     name) and ``lipgan_kwargs`` (JSON of the builder's keyword arguments), which is all
-    :func:`load_network` needs to rebuild it. Tensors and metadata are in sorted order, so two
+    :func:`load_network` needs to rebuild it. The header is written in sorted order, so two
     equal networks give byte-equal files (and equal sha256).
     """
     from safetensors.torch import save
@@ -325,7 +327,18 @@ def export_bytes(module: nn.Module, kind: str, name: str, kwargs: Mapping[str, A
         "lipgan_kwargs": json.dumps(dict(kwargs), sort_keys=True),
         "lipgan_model": name,
     }
-    return save(dict(sorted(state.items())), metadata=meta)
+    return _canonical(save(state, metadata=meta))
+
+
+def _canonical(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header in sorted key order (safetensors writes
+    the metadata from a hash map, in an order that changes from call to call), padded with
+    spaces to 8 bytes as the format asks. Offsets are relative to the data, so they stay."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"))
+    raw = header.encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
 
 
 def export_network(

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -52,6 +53,20 @@ def make_dirs(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` and prove a file can be created in it (a temporary file, removed at
+    once), so a command that writes only after minutes of work fails before them. Root ignores
+    file modes, so ``os.access`` would say yes where a read-only mount says no."""
+    folder = make_dirs(folder)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".probe.", suffix=PART_SUFFIX)
+    except OSError as exc:
+        raise os_error(exc, folder) from None
+    os.close(fd)
+    os.unlink(tmp)
+    return folder
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, then
     ``os.replace`` (atomic on POSIX). On any failure (a full disk included) the temporary file is
@@ -88,6 +103,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> int:
+    """The size of ``path`` after checking that it is a regular file (not a folder, device or
+    pipe: a link to /dev/zero would read forever) of at most ``max_bytes``; else one line."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise os_error(exc, path) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise LipganError(f"{path}: not a regular file (a folder, device or pipe); pass {what}")
+    if info.st_size > max_bytes:
+        raise LipganError(f"{path}: {info.st_size} bytes; {what} of at most {max_bytes} are read")
+    return info.st_size
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -158,7 +188,9 @@ class FolderLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> FolderLock:
+    def acquire(self, wait: bool = False) -> FolderLock:
+        """Take the lock; with ``wait``, block until the holder lets go, else a one-line
+        LipganError naming the holder's pid."""
         if self._fd is not None:
             return self
         try:
@@ -166,7 +198,7 @@ class FolderLock:
         except OSError as exc:
             raise os_error(exc, self.path.parent) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             try:
                 owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"

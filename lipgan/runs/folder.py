@@ -28,7 +28,8 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from lipgan.runs.files import (
     read_bytes,
     read_text,
     remove_partials,
+    sha256_bytes,
     sha256_file,
 )
 from lipgan.runs.manifest import Manifest, tracked_write
@@ -70,8 +72,12 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> LipganError:
 
 
 class RunFolder:
-    """One run folder. ``RunFolder(path)`` touches nothing; reading never writes; the first write
-    takes the folder's lock (a second process writing the same folder gets a one-line error)."""
+    """One run folder. ``RunFolder(path)`` touches nothing and reading never writes.
+
+    One writer: :meth:`create`, :meth:`lock` and the training writers (CSV logs, samples,
+    TensorBoard, :meth:`save_checkpoint`) take the folder's lock and hold it until
+    :meth:`close`; a single status, config or eval.json update holds it for that write only.
+    Another process writing meanwhile gets a one-line LipganError naming the holder's pid."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -149,6 +155,20 @@ class RunFolder:
         self._locked = True
         return self
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the lock for one write: the folder's own, if :meth:`lock` (or :meth:`create`,
+        or a training writer: CSV logs, samples, checkpoints) took it, else only for this write,
+        so a handle used for one status update does not keep other processes out."""
+        if self._locked:
+            yield
+            return
+        self.lock()
+        try:
+            yield
+        finally:
+            self.unlock()
+
     def unlock(self) -> None:
         if not self._locked:
             return
@@ -207,8 +227,8 @@ class RunFolder:
 
     # ------------------------------------------------------------------ config and status
     def write_config(self, config: Mapping[str, Any]) -> None:
-        self.lock()
-        atomic_write_text(self.config_path, yaml.safe_dump(dict(config), sort_keys=False))
+        with self._writing():
+            atomic_write_text(self.config_path, yaml.safe_dump(dict(config), sort_keys=False))
 
     def read_config(self) -> dict:
         """config.yaml as a dict; LipganError when missing, unreadable or not a mapping."""
@@ -225,7 +245,6 @@ class RunFolder:
     def write_status(
         self, state: str, step: int, steps: int, wall_s: float, reason: str | None = None
     ) -> None:
-        self.lock()
         status = {
             "state": state,
             "reason": reason,
@@ -233,7 +252,8 @@ class RunFolder:
             "steps": int(steps),
             "wall_s": round(float(wall_s), 3),
         }
-        atomic_write_text(self.status_path, json.dumps(status, indent=1) + "\n")
+        with self._writing():
+            atomic_write_text(self.status_path, json.dumps(status, indent=1) + "\n")
 
     def _read_json(self, path: Path) -> Any:
         if not path.is_file():
@@ -251,9 +271,9 @@ class RunFolder:
     # ------------------------------------------------------------------ eval.json
     def write_eval(self, result: Mapping[str, Any]) -> Path:
         """Write eval.json (the one writer of it: `lipgan eval` and `lipgan compare`)."""
-        self.lock()
         text = json.dumps(dict(result), indent=2, allow_nan=True) + "\n"
-        return atomic_write_text(self.eval_path, text)
+        with self._writing():
+            return atomic_write_text(self.eval_path, text)
 
     def read_eval(self) -> dict | None:
         value = self._read_json(self.eval_path)
@@ -318,13 +338,13 @@ class RunFolder:
                     continue
             buf = io.StringIO()
             csv.writer(buf).writerows(keep)
-            self.lock()
-            atomic_write_text(path, buf.getvalue())
+            with self._writing():
+                atomic_write_text(path, buf.getvalue())
 
     def remove_partials(self) -> None:
         """Delete temporary files a killed writer left behind (``.NAME.*.part``)."""
-        self.lock()  # never another live writer's temporary file
-        remove_partials(self.path, self.checkpoints_dir, self.samples_dir)
+        with self._writing():  # never another live writer's temporary file
+            remove_partials(self.path, self.checkpoints_dir, self.samples_dir)
 
     def _csv_rows(self, path: Path) -> tuple[list[str], list[list[str]]]:
         if not path.is_file():
@@ -407,12 +427,12 @@ class RunFolder:
         recorded in the manifest. Returns file name -> sha256."""
         from lipgan.runs.checkpoint import export_bytes  # torch: only writers need it
 
-        self.lock()
         files = {
             self.export_path(kind): export_bytes(e.module, kind, e.model, e.kwargs)
             for kind, e in exports.items()
         }
-        return tracked_write(self.path, files) if files else {}
+        with self._writing():
+            return tracked_write(self.path, files) if files else {}
 
     def save_checkpoint(
         self,
@@ -428,15 +448,20 @@ class RunFolder:
         new exports, and resuming it trains past that step and exports again; never a final
         last.pt beside stale exports. Every file is atomic and in manifest.json.
         """
-        from lipgan.runs.checkpoint import checkpoint_bytes, validate_checkpoint
+        from lipgan.runs.checkpoint import checkpoint_bytes, export_bytes, validate_checkpoint
 
         validate_checkpoint(state, self.last_checkpoint)
-        digests = self.write_exports(exports or {})
-        data = checkpoint_bytes({**state, "exports": digests} if digests else dict(state))
-        files = {self.last_checkpoint: data}
+        blobs = {
+            self.export_path(kind): export_bytes(e.module, kind, e.model, e.kwargs)
+            for kind, e in (exports or {}).items()
+        }
+        names = {p.name: sha256_bytes(b) for p, b in blobs.items()}
+        data = checkpoint_bytes({**state, "exports": names} if names else dict(state))
+        blobs[self.last_checkpoint] = data  # last: after the exports it names
         if keep:
-            files[self.checkpoint_path(int(state["step"]))] = data
-        tracked_write(self.path, files)
+            blobs[self.checkpoint_path(int(state["step"]))] = data
+        self.lock()  # a training writer: held until close()
+        tracked_write(self.path, blobs)  # one manifest write, then the files in this order
         return self.last_checkpoint
 
     def load_checkpoint(self, path: str | os.PathLike | None = None, map_location="cpu") -> dict:
