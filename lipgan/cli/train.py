@@ -124,10 +124,13 @@ def _sample(args) -> int:
 
     from lipgan import image, runs
     from lipgan.errors import LipganError
+    from lipgan.metrics.sampling import MAX_N, MAX_SEED, check_range
     from lipgan.train.device import resolve_device
 
-    if args.n < 1:
-        raise LipganError("--n must be >= 1")
+    check_range("--n", args.n, 1, MAX_N)
+    check_range("--seed", args.seed, 0, MAX_SEED)
+    if args.nrow is not None:
+        check_range("--nrow", args.nrow, 1, MAX_N)
     device = resolve_device(args.device)
     g = runs.load_network(args.run, "generator").to(device)
     z_dim = getattr(g, "z_dim", None)

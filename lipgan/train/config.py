@@ -230,6 +230,7 @@ def add_flags(
         help_ = f.metadata.get("help", "") or f.name
         if default not in (None, dataclasses.MISSING) and base is not dict:
             help_ += f" (default {default})"
+        help_ = help_.replace("%", "%%")  # argparse formats help with %
         if base is dict:
             parser.add_argument(
                 option_flag(f.name), dest=f.name, action="append", metavar="KEY=VALUE",

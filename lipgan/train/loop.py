@@ -128,8 +128,52 @@ class Session:
         if not cfg.out:
             cfg = cfg.replace(out=default_out(cfg))
         run = runs.RunFolder(cfg.out)
+        try:
+            trainer, wall0 = self._open(run, cfg, resume, constraint, images)
+        except BaseException:
+            run.close()  # the lock, when a check refused the run
+            raise
+        self.cfg, self.run_dir, self.trainer, self.stream = cfg, run, trainer, stream
+        self.tb = None
+        if cfg.tensorboard:
+            # After a resume, drop events the interrupted segment wrote past its checkpoint.
+            self.tb = run.tensorboard(
+                purge_step=trainer.step + 1 if run.metrics_path.is_file() else None
+            )
+        self.fixed_z = torch.randn(
+            cfg.n_samples, trainer.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 3)
+        ).to(trainer.device)
+        self.progress = tqdm(
+            total=cfg.steps, initial=trainer.step, disable=cfg.quiet, file=stream or sys.stderr,
+            unit="step", dynamic_ncols=True, mininterval=0.5,
+        )  # fmt: skip
+        self.t_start = time.perf_counter()
+        self.wall0 = wall0  # wall time of earlier segments (resume)
+        self.ended = False  # the last step was the run's end (steps reached or time limit)
+        if trainer.step == 0:
+            self._checkpoint(keep=False)  # rollback target before any step
+        self.last_good = trainer.step
+        self.rollbacks = 0
+        self.layer_error: str | None = None  # why the layer analysis is off for this run
+        self.fid_error: str | None = None  # why FID is off for this run
+        self.signal: int | None = None  # SIGINT/SIGTERM received: stop after this step
+        run.write_status("running", trainer.step, cfg.steps, self.wall())
+        self.w_ema: float | None = None
+        self.t_log, self.step_log = time.perf_counter(), trainer.step
+
+    def _open(
+        self,
+        run: runs.RunFolder,
+        cfg: TrainConfig,
+        resume: bool,
+        constraint: C.Constraint | None,
+        images: torch.Tensor | None,
+    ) -> tuple[GANTrainer, float]:
+        """Check everything (config, checkpoint, resume overrides), then open the folder; the
+        trainer (state loaded) and the wall time of earlier segments."""
         state = None
         if resume:
+            run.lock()  # one writer: taken before anything is read
             if not run.config_path.is_file() and not run.last_checkpoint.is_file():
                 raise LipganError(f"{run.path}: no checkpoints/last.pt to resume from")
             if run.config_path.is_file():
@@ -169,33 +213,7 @@ class Session:
                 run.write_exports(self._exports(trainer))
         else:
             run.create(cfg.to_dict())
-        self.cfg, self.run_dir, self.trainer, self.stream = cfg, run, trainer, stream
-        self.tb = None
-        if cfg.tensorboard:
-            # After a resume, drop events the interrupted segment wrote past its checkpoint.
-            self.tb = run.tensorboard(
-                purge_step=trainer.step + 1 if run.metrics_path.is_file() else None
-            )
-        self.fixed_z = torch.randn(
-            cfg.n_samples, trainer.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 3)
-        ).to(trainer.device)
-        self.progress = tqdm(
-            total=cfg.steps, initial=trainer.step, disable=cfg.quiet, file=stream or sys.stderr,
-            unit="step", dynamic_ncols=True, mininterval=0.5,
-        )  # fmt: skip
-        self.t_start = time.perf_counter()
-        self.wall0 = wall0  # wall time of earlier segments (resume)
-        self.ended = False  # the last step was the run's end (steps reached or time limit)
-        if trainer.step == 0:
-            self._checkpoint(keep=False)  # rollback target before any step
-        self.last_good = trainer.step
-        self.rollbacks = 0
-        self.layer_error: str | None = None  # why the layer analysis is off for this run
-        self.fid_error: str | None = None  # why FID is off for this run
-        self.signal: int | None = None  # SIGINT/SIGTERM received: stop after this step
-        run.write_status("running", trainer.step, cfg.steps, self.wall())
-        self.w_ema: float | None = None
-        self.t_log, self.step_log = time.perf_counter(), trainer.step
+        return trainer, wall0
 
     @property
     def path(self) -> Path:
