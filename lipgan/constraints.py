@@ -437,9 +437,12 @@ class SpectralNorm(Constraint):
     ``mode="reshaped"`` (SN-GAN, Miyato et al. 2018): sigma of the reshaped kernel
     ``(c_out, c_in k k)``; a conv layer's true operator norm can exceed 1.
     ``mode="operator"``: sigma is the layer's operator norm, by power iteration on the conv
-    operator itself, so each layer is at most 1-Lipschitz (up to the power iteration's
-    convergence). A conv layer's input shape is learned at its first forward call (a forward
-    pre-hook); its weight cannot be read before that.
+    operator itself, so during training each layer is at most 1-Lipschitz up to the power
+    iteration's convergence; after :meth:`converge` it is at most 1-Lipschitz, certified: every
+    layer divides by a certified upper bound of its norm (exact from the dense map for small
+    layers, the exact FFT norm for full circular convs, the Gram-iteration bound otherwise)
+    until the next training step. A conv layer's input shape is learned at its first forward
+    call (a forward pre-hook); its weight cannot be read before that.
 
     A torch parametrization (``torch.nn.utils.parametrize``): ``u`` and ``v`` are buffers in the
     state_dict. 15 iterations at attach (torch's own SN does the same); one power-iteration step
@@ -495,9 +498,13 @@ class SpectralNorm(Constraint):
         for p in _layers.spectral_norm_parametrizations(module):
             p.mark_stale()
 
-    def converge(self, module: nn.Module, max_iterations: int = 500, tol: float = 1e-6) -> None:
-        """Run every layer's power iteration to convergence (e.g. before certifying a bound)."""
-        _layers.converge_spectral_norms(module, max_iterations, tol)
+    def converge(
+        self, module: nn.Module, max_iterations: int = 500, tol: float = 1e-6, certify: bool = True
+    ) -> None:
+        """Converge every layer's power iteration, then (``certify``) divide each layer by a
+        certified upper bound of its norm: operator mode is then at most 1-Lipschitz per layer
+        (reshaped mode: ``sigma(W_mat) <= 1``) until the next training step."""
+        _layers.converge_spectral_norms(module, max_iterations, tol, certify)
 
 
 class _KeptPowerIteration:

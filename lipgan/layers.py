@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -70,6 +72,21 @@ class SpectralNormParametrization(nn.Module):
     one step therefore share one update. In eval mode ``u`` and ``v`` are used as they are.
     The gradient flows through ``sigma = <u, A_W v>`` with ``u``, ``v`` held constant, as in
     SN-GAN.
+
+    Certification: ``converge(weight, certify=True)`` (what :func:`converge_spectral_norms` and
+    ``SpectralNorm.converge`` run) replaces the power estimate by a certified *upper* bound
+    ``B >= ||A_W||_2`` of what the mode promises (the operator norm in operator mode,
+    ``sigma(W_mat)`` in reshaped mode), so the layer divides by ``B`` and is at most 1 by
+    construction, not up to the iteration's convergence: ``B`` is exact (float64 eigenvalues of
+    the smaller Gram matrix of the layer's dense map, built from torch's own forward) where the
+    map has at most ``DENSE_LIMIT`` entries on its smaller side, else
+    ``lipgan.norms.conv_operator_norm(..., "auto")`` (the exact FFT norm for a circular conv whose
+    output is input / stride, Sedghi et al. 2019; the Gram-iteration upper bound otherwise,
+    Delattre et al. 2023). The kept vectors restart from the top singular vector (dense) or from
+    a fresh Lanczos start, so a vector stuck on the wrong spatial frequency (a circular conv
+    never mixes frequencies) is replaced. ``B / <u, A_W v>`` is kept in the buffer
+    ``_certificate`` (saved with the state_dict) until the next training-mode power step, which
+    resets it to 1: one power step per training step costs what it did.
     """
 
     def __init__(
@@ -120,6 +137,9 @@ class SpectralNormParametrization(nn.Module):
             self.register_buffer("_v", _unit(w.t() @ self._u, eps))
             with torch.no_grad():
                 self._power(weight, init_iterations)
+        # B / <u, A v> after a certifying converge(); 1 once training moves the weight again
+        self.register_buffer("_certificate", torch.ones((), device=weight.device))
+        self._register_load_state_dict_pre_hook(self._certificate_on_load)
 
     # -- state ------------------------------------------------------------------------------
     def mark_stale(self) -> None:
@@ -132,6 +152,7 @@ class SpectralNormParametrization(nn.Module):
             self.input_shape = shape
             weight = _original_weight(layer).detach().float()
             with torch.no_grad():
+                self._certificate.fill_(1.0)
                 self._v = _unit(torch.randn((1, *shape), device=weight.device), self.eps)
                 self._u = _unit(self._apply_op(self._v, weight), self.eps)
                 self._power(weight, self.init_iterations)
@@ -141,20 +162,136 @@ class SpectralNormParametrization(nn.Module):
             self._stale = True
 
     @torch.no_grad()
-    def converge(self, weight: torch.Tensor, max_iterations: int = 500, tol: float = 1e-6) -> float:
+    def converge(
+        self,
+        weight: torch.Tensor,
+        max_iterations: int = 500,
+        tol: float = 1e-6,
+        certify: bool = False,
+    ) -> float:
         """Iterate until sigma changes by less than ``tol`` (relative) over 10 steps.
 
         Run at the first forward in operator mode; call it before certifying a trained network
-        (``SpectralNorm.converge``). ``weight``: the layer's unnormalized weight. Returns sigma.
+        (``SpectralNorm.converge``). ``weight``: the layer's unnormalized weight. With
+        ``certify`` the layer then divides by a certified upper bound of its norm (see the class
+        docstring). Returns the sigma the layer now divides by.
         """
-        last = float(self.sigma(weight))
-        for _ in range(0, max_iterations, 10):
-            self._power(weight, 10)
-            sig = float(self.sigma(weight))
-            if abs(sig - last) <= tol * abs(sig):
-                break
-            last = sig
-        return sig
+        self._certificate.fill_(1.0)
+        dense = self._dense(weight) if certify else None
+        if dense is None:
+            last = float(self.sigma(weight))
+            sig = last
+            for _ in range(0, max_iterations, 10):
+                self._power(weight, 10)
+                sig = float(self.sigma(weight))
+                if abs(sig - last) <= tol * abs(sig):
+                    break
+                last = sig
+        if not certify:
+            return sig
+        bound = self._certified_bound(weight, dense)
+        sig = float(self.sigma(weight))
+        # sig is a Rayleigh quotient of the true map, a lower bound: the max stays an upper bound
+        # (and guards against a bound that is not one)
+        self._certificate.fill_(max(bound, sig) / max(sig, self.eps))
+        # a training-mode forward before the next optimizer step keeps the certificate
+        self._stale = False
+        self._seen_version = weight._version
+        return float(self.sigma(weight))
+
+    # -- certification ----------------------------------------------------------------------
+    #: the certificate uses the dense map when its smaller side has at most this many entries
+    DENSE_LIMIT = 2048
+    #: ... and the whole matrix at most this many (float64: 8 bytes each)
+    DENSE_ENTRIES = 2**24
+    #: relative margin over the float64 eigenvalue of the Gram matrix (its rounding ~1e-13)
+    _MARGIN = 1e-9
+
+    def _dense(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The dense matrix (inputs x outputs, float64) of the normalized map, or None if big.
+
+        Operator mode on a conv: the layer's linear map (no bias) from torch's own conv on the
+        identity basis, so every padding mode, stride and output_padding is exactly what the
+        layer computes. Otherwise the (reshaped) weight matrix, transposed.
+        """
+        w = weight.detach().double()
+        if not self._conv_operator:
+            m = self._matrix(w)
+            if min(m.shape) > self.DENSE_LIMIT or m.numel() > self.DENSE_ENTRIES:
+                return None
+            return m.t()
+        n_in = math.prod(self.input_shape)
+        shell = self._shell(w)
+        zero = torch.zeros(1, *self.input_shape, dtype=w.dtype, device=w.device)
+        n_out = math.prod(shell(zero).shape)
+        if min(n_in, n_out) > self.DENSE_LIMIT or n_in * n_out > self.DENSE_ENTRIES:
+            return None
+        basis = torch.eye(n_in, dtype=w.dtype, device=w.device).reshape(n_in, *self.input_shape)
+        return shell(basis).reshape(n_in, n_out)
+
+    def _shell(self, weight: torch.Tensor) -> nn.Module:
+        """A plain Conv2d / ConvTranspose2d with this layer's geometry and ``weight``, no bias."""
+        g = self._geometry
+        cls = nn.ConvTranspose2d if g["transposed"] else nn.Conv2d
+        kwargs = dict(
+            stride=g["stride"],
+            padding=g["padding_arg"],
+            dilation=g["dilation"],
+            groups=g["groups"],
+            bias=False,
+            padding_mode=g["padding_mode"],
+            device="meta",
+        )
+        if g["transposed"]:
+            kwargs["output_padding"] = g["output_padding"]
+        shell = cls(g["in_channels"], g["out_channels"], g["kernel_size"], **kwargs)
+        shell.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        return shell
+
+    def _certified_bound(self, weight: torch.Tensor, dense: torch.Tensor | None) -> float:
+        """An upper bound of the norm the mode promises; also restarts the kept u, v from it."""
+        w = weight.detach().float()
+        if dense is not None:
+            # exact: the top eigenpair of the smaller Gram matrix, in float64
+            rows = dense.shape[0] <= dense.shape[1]
+            gram = dense @ dense.t() if rows else dense.t() @ dense
+            evals, evecs = torch.linalg.eigh(gram)
+            top = evecs[:, -1]
+            if rows:  # eigenvector on the input side: v
+                v = top
+            else:  # on the output side: v = A^T u
+                v = dense @ top
+            self._set_v(v.float(), w)
+            return math.sqrt(max(float(evals[-1]), 0.0)) * (1 + self._MARGIN)
+        if not self._conv_operator:
+            m = self._matrix(weight.detach().double())
+            u, s, vh = torch.linalg.svd(m, full_matrices=False)
+            self._set_v(vh[0].float(), w)
+            return float(s[0]) * (1 + self._MARGIN)
+        from lipgan import norms
+
+        shell = self._shell(weight.detach().float())
+        # a fresh start (Lanczos from a random vector): the kept v may sit on a spatial frequency
+        # the circular conv never leaves, or near a non-top singular vector
+        sig, v = norms.conv_operator_norm(shell, self.input_shape, "power", return_vector=True)
+        if sig > float(self.sigma(weight)):
+            self._set_v(v.reshape(self._v.shape).float(), w)
+        # the dense map is too large here: no dense fallback inside conv_operator_norm either
+        return float(norms.conv_operator_norm(shell, self.input_shape, "auto", dense_limit=0))
+
+    def _set_v(self, v: torch.Tensor, weight: torch.Tensor) -> None:
+        """Kept v <- v / |v| and u <- A v / |A v|, so that sigma = <u, A v> = |A v| >= 0."""
+        v = _unit(v.reshape(self._v.shape), self.eps)
+        self._v.copy_(v)
+        if self._conv_operator:
+            self._u.copy_(_unit(self._apply_op(v, weight), self.eps))
+        else:
+            self._u.copy_(_unit(self._matrix(weight) @ v, self.eps))
+
+    def _certificate_on_load(self, state_dict, prefix, *args, **kwargs) -> None:
+        if prefix + "_certificate" not in state_dict:
+            # saved before certificates existed: the kept power estimate, as it was then
+            state_dict[prefix + "_certificate"] = torch.ones(())
 
     def _resize_on_load(self, state_dict, prefix, *args, **kwargs) -> None:
         # Lazily shaped buffers: take the saved shape so a fresh layer loads a trained one.
@@ -230,10 +367,11 @@ class SpectralNormParametrization(nn.Module):
             # the buffers are updated in place at the next step, possibly before this backward
             u, v = u.clone(), v.clone()
         w = weight.float()
+        cert = self._certificate.float()
         if self._conv_operator:
             # = <u, A_W v> with u = A v / |A v| kept; differentiable in the weight
-            return self._operator(w, v, 0)[0]
-        return torch.dot(u, self._matrix(w) @ v)
+            return self._operator(w, v, 0)[0] * cert
+        return torch.dot(u, self._matrix(w) @ v) * cert
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self._conv_operator and self.input_shape is None:
@@ -246,6 +384,8 @@ class SpectralNormParametrization(nn.Module):
             if self.training:
                 version = -2 if torch.compiler.is_compiling() else weight._version
                 if self._stale or (version >= 0 and version != self._seen_version):
+                    # the weight moved: the certificate of the last converge() no longer holds
+                    self._certificate.fill_(1.0)
                     self._power(weight, self.n_power_iterations)
                     self._stale = False
                     self._seen_version = version
@@ -271,6 +411,10 @@ def _conv_geometry(layer: nn.Module) -> dict:
         lw, rw, th, bh = (int(p) for p in layer._reversed_padding_repeated_twice)
         padding = (th, bh, lw, rw)
     return {
+        "in_channels": layer.in_channels,
+        "out_channels": layer.out_channels,
+        "kernel_size": tuple(layer.kernel_size),
+        "padding_arg": layer.padding,  # as given: "same" or numbers
         "transposed": transposed,
         "stride": tuple(layer.stride),
         "padding": padding,
@@ -305,9 +449,13 @@ def spectral_norm(
     return layer
 
 
-def converge_spectral_norms(module: nn.Module, max_iterations: int = 500, tol: float = 1e-6):
+def converge_spectral_norms(
+    module: nn.Module, max_iterations: int = 500, tol: float = 1e-6, certify: bool = True
+) -> None:
     """:meth:`SpectralNormParametrization.converge` on every normalized layer of ``module``.
 
+    With ``certify`` (the default) each layer then divides by a certified upper bound of its
+    norm, so every operator-mode layer is at most 1-Lipschitz until the next training step.
     Operator-mode layers that have not seen an input yet are skipped (their shape is unknown).
     """
     for layer in module.modules():
@@ -317,7 +465,7 @@ def converge_spectral_norms(module: nn.Module, max_iterations: int = 500, tol: f
             if isinstance(p, SpectralNormParametrization) and not (
                 p._conv_operator and p.input_shape is None
             ):
-                p.converge(layer.parametrizations.weight.original, max_iterations, tol)
+                p.converge(layer.parametrizations.weight.original, max_iterations, tol, certify)
 
 
 def spectral_norm_parametrizations(module: nn.Module) -> list[SpectralNormParametrization]:
@@ -409,8 +557,11 @@ class GroupSort(nn.Module):
     """Sort each group of ``group_size`` consecutive channels (along ``dim``), ascending.
 
     ``(B, C, ...) -> (B, C, ...)``, ``C`` a multiple of ``group_size``. The map is a
-    data-dependent permutation: 1-Lipschitz and gradient-norm preserving. ``group_size=2`` is
-    MaxMin, the variant Anil et al. (2019) use for most experiments.
+    data-dependent permutation, continuous at ties: 1-Lipschitz in the L2 norm (sorting never
+    increases ``||x - y||``) and gradient-norm preserving (its Jacobian is a permutation almost
+    everywhere). ``group_size=2`` is MaxMin, the variant Anil et al. (2019) use for most
+    experiments. ``dim`` should be a feature dimension: along the batch (0) the map still is
+    1-Lipschitz on the whole batch, but it mixes samples, so it is not a per-sample function.
     """
 
     def __init__(self, group_size: int = 2, dim: int = 1) -> None:
