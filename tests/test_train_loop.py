@@ -203,7 +203,8 @@ def test_run_folders_of_the_previous_version_resume_and_continue_as_it_would(tmp
     want = json.loads((DATA / "continued_to_step4.json").read_text())[method]
     got = {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
            for k, v in _weights(run).items()}  # fmt: skip
-    assert got == want
+    # every tensor 0.1.0 had is equal (newer buffers, e.g. SN's certificate, may be added)
+    assert {k: got.get(k) for k in want} == want
 
 
 def test_a_checkpoint_from_a_newer_version_is_refused_by_name(tmp_path, capsys):
