@@ -112,14 +112,9 @@ class DistributedTrainer(GANTrainer):
     """
 
     def __init__(
-        self,
-        cfg: TrainConfig,
-        images: torch.Tensor | None = None,
-        *,
-        device: torch.device | None = None,
-        constraint: C.Constraint | None = None,
-        check_every: int | None = None,
+        self, cfg: TrainConfig, images: torch.Tensor | None = None, *, check_every=None, **kw
     ) -> None:
+        """``kw``: those of :class:`GANTrainer` (device, constraint, generator, critic)."""
         if not (dist.is_available() and dist.is_initialized()):
             raise LipganError(
                 "DistributedTrainer needs torch.distributed initialized; run it under torchrun "
@@ -132,7 +127,7 @@ class DistributedTrainer(GANTrainer):
                 f"--batch-size {cfg.batch_size} is the global batch and must split evenly over "
                 f"{self.world_size} processes; use a multiple of {self.world_size}"
             )
-        super().__init__(cfg, images, device=device, constraint=constraint)
+        super().__init__(cfg, images, **kw)
         self.local_batch = cfg.batch_size // self.world_size
         self.rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
         #: replicas compared every this many generator steps (0: never); default: checkpoints
