@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from lipgan.errors import LipganError
 from lipgan.gan import GANTrainer, TrainConfig
 from lipgan.train import distributed as D
+from lipgan.train import launch as L
 
 TOL = 1e-5
 STEPS = 20
@@ -213,15 +214,15 @@ def test_errors_and_dispatch(mnist, monkeypatch):
         D.DistributedTrainer(tiny("sn"), mnist.train_images[:64])
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert D.maybe_run(tiny("sn"), 1) is None  # not distributed: the caller trains
+    assert L.maybe_run(tiny("sn"), 1) is None  # not distributed: the caller trains
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert D.maybe_run(tiny("sn"), 4) is None  # torchrun with one process: plain training
+    assert L.maybe_run(tiny("sn"), 4) is None  # torchrun with one process: plain training
     with pytest.raises(LipganError, match="nproc"):
-        D.launch(tiny("sn"), 0)
+        L.launch(tiny("sn"), 0)
     monkeypatch.delenv("RANK")
     with pytest.raises(LipganError, match="torchrun"):
-        D.main_from_env(tiny("sn"))
+        L.main_from_env(tiny("sn"))
 
 
 def test_launch_run_folder_matches_one_process(tmp_path):
@@ -232,7 +233,7 @@ def test_launch_run_folder_matches_one_process(tmp_path):
     kw = dict(steps=4, log_every=2, checkpoint_every=2)
     one = gan.train(tiny("wgan-gp", out=str(tmp_path / "one"), **kw))
     _warm()
-    two = D.launch(tiny("wgan-gp", out=str(tmp_path / "two"), **kw), 2, start_method="fork")
+    two = L.launch(tiny("wgan-gp", out=str(tmp_path / "two"), **kw), 2, start_method="fork")
     assert two == tmp_path / "two"
     run = runs.Run(two)
     assert run.read_status()["state"] == "done"
@@ -247,12 +248,12 @@ def test_launch_run_folder_matches_one_process(tmp_path):
     for key in ("wasserstein", "loss_d", "loss_g", "penalty"):
         assert mb[-1][key] == pytest.approx(ma[-1][key], abs=1e-4)
     with pytest.raises(LipganError, match="already holds a run"):
-        D.launch(tiny("wgan-gp", out=str(two), **kw), 2, start_method="fork")
+        L.launch(tiny("wgan-gp", out=str(two), **kw), 2, start_method="fork")
 
 
 def test_a_time_limit_is_refused_with_several_processes(tmp_path):
     with pytest.raises(LipganError, match="max-time-s"):
-        D.launch(tiny("wgan-gp", out=str(tmp_path / "t"), max_time_s=5.0), 2, start_method="fork")
+        L.launch(tiny("wgan-gp", out=str(tmp_path / "t"), max_time_s=5.0), 2, start_method="fork")
     assert not (tmp_path / "t" / "checkpoints").exists()
 
 
@@ -266,8 +267,8 @@ def test_checkpoints_cross_between_one_and_two_processes(tmp_path):
     ref = gan.train(tiny("sn", steps=8, out=str(tmp_path / "ref"), **kw))
     a, b = tmp_path / "a", tmp_path / "b"
     gan.train(tiny("sn", steps=4, out=str(a), **kw))
-    D.launch(tiny("sn", steps=8, out=str(a), **kw), 2, resume=True, start_method="fork")
-    D.launch(tiny("sn", steps=4, out=str(b), **kw), 2, start_method="fork")
+    L.launch(tiny("sn", steps=8, out=str(a), **kw), 2, resume=True, start_method="fork")
+    L.launch(tiny("sn", steps=4, out=str(b), **kw), 2, start_method="fork")
     gan.train(tiny("sn", steps=8, out=str(b), **kw), resume=True)
     want = runs.load_checkpoint(runs.Run(ref).last_checkpoint)
     for path in (a, b):
@@ -303,14 +304,14 @@ def test_rollback_is_collective(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "replicas_in_sync", strict)
     _warm()
     cfg = tiny("wgan-gp", steps=6, checkpoint_every=2, on_nan="rollback", out=str(tmp_path / "r"))
-    path = D.launch(cfg, 2, start_method="fork")
+    path = L.launch(cfg, 2, start_method="fork")
     run = runs.Run(path)
     assert run.read_status()["state"] == "done"
     state = runs.load_checkpoint(run.last_checkpoint)
     assert state["step"] == 6 and state["lr_scale"] == pytest.approx(0.5)
     stop = tiny("wgan-gp", steps=6, checkpoint_every=2, out=str(tmp_path / "s"))
     with pytest.raises(LipganError, match="non-finite loss at generator step 3"):
-        D.launch(stop, 2, start_method="fork")
+        L.launch(stop, 2, start_method="fork")
 
 
 @pytest.mark.slow
@@ -318,10 +319,10 @@ def test_launch_resume_matches_uninterrupted(tmp_path):
     from lipgan import runs
 
     kw = dict(checkpoint_every=3, log_every=3)
-    whole = D.launch(tiny("sn", steps=12, out=str(tmp_path / "whole"), **kw), 2)
+    whole = L.launch(tiny("sn", steps=12, out=str(tmp_path / "whole"), **kw), 2)
     part = tmp_path / "part"
-    D.launch(tiny("sn", steps=6, out=str(part), **kw), 2)
-    D.launch(tiny("sn", steps=12, out=str(part), **kw), 2, resume=True)
+    L.launch(tiny("sn", steps=6, out=str(part), **kw), 2)
+    L.launch(tiny("sn", steps=12, out=str(part), **kw), 2, resume=True)
     a = runs.load_checkpoint(runs.Run(whole).last_checkpoint)
     b = runs.load_checkpoint(runs.Run(part).last_checkpoint)
     assert a["step"] == b["step"] == 12

@@ -140,9 +140,17 @@ def test_manifest_lists_checkpoint_and_exports_with_their_sha256(tmp_path):
     assert set(files) == {"checkpoints/last.pt", "generator.safetensors", "critic.safetensors"}
     for rel, entry in files.items():
         assert entry["sha256"] == hashlib.sha256((run.path / rel).read_bytes()).hexdigest()
-        assert "also" not in entry  # the write finished: only the new digest is valid
+        assert entry["also"] == []  # a first write replaced nothing
     ck = run.load_checkpoint()
     assert ck["exports"] == {k: files[k]["sha256"] for k in ck["exports"]}
+    # A second save keeps the replaced version valid too (a kill before its rename loses
+    # nothing), and only that one.
+    state, exports = _trainer_state(step=4, seed=5)
+    run.save_checkpoint(state, exports)
+    again = json.loads((run.path / "manifest.json").read_text())["files"]
+    for rel in files:
+        assert again[rel]["also"] == [files[rel]["sha256"]] != [again[rel]["sha256"]]
+    run.close()
 
 
 def test_old_run_folder_without_manifest_still_loads(tmp_path):
@@ -159,14 +167,14 @@ _KILL_BETWEEN = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from test_runfolder_integrity import _trainer_state
-from lipgan.runs import RunFolder, folder
+from lipgan.runs import RunFolder, files
 
-real = folder.tracked_write
-def write(root, files):
-    if any(p.name == "last.pt" for p in files):
+real = files.atomic_write_bytes
+def write(path, data, *args):
+    if path.name == "last.pt":
         os.kill(os.getpid(), signal.SIGKILL)  # the exports are on disk, last.pt is not
-    return real(root, files)
-folder.tracked_write = write
+    return real(path, data, *args)
+files.atomic_write_bytes = write
 state, exports = _trainer_state(step=4, seed=1)
 RunFolder({path!r}).save_checkpoint(state, exports)
 """

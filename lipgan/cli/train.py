@@ -96,10 +96,10 @@ def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
-    from lipgan.train import distributed, loop
+    from lipgan.train import distributed, launch, loop
 
     cfg = config_from_args(args)
-    path = distributed.maybe_run(cfg, args.nproc, resume=bool(args.resume))
+    path = launch.maybe_run(cfg, args.nproc, resume=bool(args.resume))
     if path is None:
         path = loop.train(cfg, resume=bool(args.resume))
     if distributed.is_main_process():
@@ -124,10 +124,13 @@ def _sample(args) -> int:
 
     from lipgan import image, runs
     from lipgan.errors import LipganError
+    from lipgan.metrics.sampling import MAX_N, MAX_SEED, check_range
     from lipgan.train.device import resolve_device
 
-    if args.n < 1:
-        raise LipganError("--n must be >= 1")
+    check_range("--n", args.n, 1, MAX_N)
+    check_range("--seed", args.seed, 0, MAX_SEED)
+    if args.nrow is not None:
+        check_range("--nrow", args.nrow, 1, MAX_N)
     device = resolve_device(args.device)
     g = runs.load_network(args.run, "generator").to(device)
     z_dim = getattr(g, "z_dim", None)

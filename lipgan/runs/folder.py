@@ -46,6 +46,7 @@ from lipgan.runs.files import (
     read_bytes,
     read_text,
     remove_partials,
+    sha256_bytes,
     sha256_file,
 )
 from lipgan.runs.manifest import Manifest, tracked_write
@@ -447,15 +448,20 @@ class RunFolder:
         new exports, and resuming it trains past that step and exports again; never a final
         last.pt beside stale exports. Every file is atomic and in manifest.json.
         """
-        from lipgan.runs.checkpoint import checkpoint_bytes, validate_checkpoint
+        from lipgan.runs.checkpoint import checkpoint_bytes, export_bytes, validate_checkpoint
 
         validate_checkpoint(state, self.last_checkpoint)
-        digests = self.write_exports(exports or {})
-        data = checkpoint_bytes({**state, "exports": digests} if digests else dict(state))
-        files = {self.last_checkpoint: data}
+        blobs = {
+            self.export_path(kind): export_bytes(e.module, kind, e.model, e.kwargs)
+            for kind, e in (exports or {}).items()
+        }
+        names = {p.name: sha256_bytes(b) for p, b in blobs.items()}
+        data = checkpoint_bytes({**state, "exports": names} if names else dict(state))
+        blobs[self.last_checkpoint] = data  # last: after the exports it names
         if keep:
-            files[self.checkpoint_path(int(state["step"]))] = data
-        tracked_write(self.path, files)
+            blobs[self.checkpoint_path(int(state["step"]))] = data
+        self.lock()  # a training writer: held until close()
+        tracked_write(self.path, blobs)  # one manifest write, then the files in this order
         return self.last_checkpoint
 
     def load_checkpoint(self, path: str | os.PathLike | None = None, map_location="cpu") -> dict:

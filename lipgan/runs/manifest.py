@@ -6,11 +6,14 @@ Format::
      "files": {"checkpoints/last.pt": {"sha256": "…", "size": 123}, "critic.safetensors": …}}
 
 A file is checked against its entry on every load; a file without an entry (a run folder written
-before manifests existed, or a file a user put there) loads unchecked. While a file is being
-replaced its entry also lists the digest of the version it replaces (``"also"``): a process
-killed between the manifest update and the rename then leaves a folder whose files all still
-verify. torch's zip reader checks no CRC and safetensors has no checksum, so without this a
-flipped bit loads silently.
+before manifests existed, or a file a user put there) loads unchecked. The manifest is written
+before the files it describes, and each entry also lists the digest of the version it replaced
+(``"also"``): a process killed between the manifest update and the rename then leaves a folder
+whose files all still verify, at the price of one manifest write per save. (Accepting the
+previous version costs nothing in corruption detection: a damaged file does not turn into
+lipgan's previous write of it; which checkpoint goes with which export is the checkpoint's own
+record, ``state["exports"]``.) torch's zip reader checks no CRC and safetensors has no checksum,
+so without this a flipped bit loads silently.
 """
 
 from __future__ import annotations
@@ -72,20 +75,15 @@ class Manifest:
     def rel(self, file: str | os.PathLike) -> str:
         return Path(os.path.relpath(Path(file), self.root)).as_posix()
 
-    def begin(self, digests: Mapping[str, tuple[str, int]]) -> None:
-        """Before replacing files: record each one's new digest, keeping the old one valid."""
+    def record(self, digests: Mapping[str, tuple[str, int]]) -> None:
+        """Before replacing files: record each one's new digest, keeping the digest of the
+        version it replaces valid too (``"also"``), so that a process killed before the rename
+        leaves a file that still verifies. One manifest write per save."""
         files = self.read()
         for rel, (sha, size) in digests.items():
-            old = files.get(rel, {})
-            also = [old["sha256"]] if isinstance(old.get("sha256"), str) else []
+            old = files.get(rel, {}).get("sha256")
+            also = [old] if isinstance(old, str) and old != sha else []
             files[rel] = {"sha256": sha, "size": size, "also": also}
-        self._write(files)
-
-    def commit(self, digests: Mapping[str, tuple[str, int]]) -> None:
-        """After the files are in place: only the new digests are valid."""
-        files = self.read()
-        for rel, (sha, size) in digests.items():
-            files[rel] = {"sha256": sha, "size": size}
         self._write(files)
 
     def verify(self, file: str | os.PathLike, data: bytes) -> bool:
@@ -99,7 +97,7 @@ class Manifest:
         if sha not in valid:
             size = entry.get("size")
             how = (
-                f"the file is truncated: {len(data)} of {size} bytes"
+                f"{len(data)} bytes where lipgan wrote {size}: truncated or replaced"
                 if isinstance(size, int) and len(data) < size
                 else f"sha256 {sha[:12]}…, {self.path.name} says {str(entry.get('sha256'))[:12]}…"
             )
@@ -112,16 +110,15 @@ class Manifest:
 
 
 def tracked_write(root: str | os.PathLike, files: Mapping[str | os.PathLike, bytes]) -> dict:
-    """Write ``files`` (path -> bytes) atomically, in the order given, and record their digests
-    in ``root``'s manifest (before: old or new valid; after: only new). Returns rel -> sha256."""
+    """Record the digests of ``files`` (path -> bytes) in ``root``'s manifest, then write them
+    atomically in the order given. Returns rel -> sha256."""
     from lipgan.runs.files import atomic_write_bytes
 
     man = Manifest(root)
     digests = {man.rel(p): (sha256_bytes(b), len(b)) for p, b in files.items()}
-    man.begin(digests)
+    man.record(digests)
     for p, b in files.items():
         atomic_write_bytes(p, b)
-    man.commit(digests)
     return {rel: sha for rel, (sha, _) in digests.items()}
 
 

@@ -21,6 +21,7 @@ This module imports no torch, so a command's parser stays cheap to build.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import re
@@ -53,10 +54,6 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_FLOAT = re.compile(
-    r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
-    r"|^\.(?:nan|NaN|NAN)$"
-)
 # YAML 1.1 needs a dot in a float; YAML 1.2 (and every user) reads 1e-4 as a number.
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -126,8 +123,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if what is None:
         return value
     if tp is float:
-        if isinstance(value, str) and _FLOAT.match(value.strip()):
-            value = float(value)
+        if isinstance(value, str):  # "1e-4" from a YAML 1.1 loader, "nan" from a flag
+            with contextlib.suppress(ValueError):
+                value = float(value.strip().lower().replace(".inf", "inf").replace(".nan", "nan"))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = float(value)
             if not math.isfinite(value):
@@ -232,6 +230,7 @@ def add_flags(
         help_ = f.metadata.get("help", "") or f.name
         if default not in (None, dataclasses.MISSING) and base is not dict:
             help_ += f" (default {default})"
+        help_ = help_.replace("%", "%%")  # argparse formats help with %
         if base is dict:
             parser.add_argument(
                 option_flag(f.name), dest=f.name, action="append", metavar="KEY=VALUE",
@@ -388,6 +387,11 @@ class TrainConfig(Config):
     fid_every: int = option(0, "FID every N steps (0: at the end only; -1: never)", low=-1)
     fid_n: int = option(2000, "samples per FID", low=2, high=MAX_SAMPLES)
     n_samples: int = option(64, "images in each sample grid", low=1, high=4096)
+    ema: float = option(
+        10_000.0, "half-life in training images of the generator's moving average, exported as "
+        "generator_ema.safetensors (0: none); StyleGAN2-ADA's ramp over the first 5%",
+        low=0.0, high=1e12,
+    )  # fmt: skip
     tensorboard: bool = option(True, "write TensorBoard events to RUN/tb")
     quiet: bool = option(False, "no progress bar")
     # robustness and speed

@@ -48,3 +48,30 @@ def resolve_device(name: str) -> torch.device:
         raise LipganError("--device cuda asked for, but torch sees no CUDA device; use cpu")
     return dev
 
+
+def device_for_rank(name: str, local_rank: int, world: int) -> torch.device:
+    """The device of one process of ``world``: ``cuda`` -> ``cuda:LOCAL_RANK`` (set as the
+    current device), ``cpu`` -> cpu; a card or device that does not fit is a LipganError."""
+    asked = name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LipganError("--device cuda asked for, but torch sees no CUDA device; use cpu")
+        if name != "cuda" and world > 1:
+            raise LipganError(
+                f"--device {name} with {world} processes: use --device cuda (each process "
+                "takes cuda:LOCAL_RANK; choose the cards with CUDA_VISIBLE_DEVICES)"
+            )
+        index = local_rank if name == "cuda" else torch.device(name).index or 0
+        if index >= torch.cuda.device_count():
+            raise LipganError(
+                f"process with local rank {local_rank} has no CUDA device (torch sees "
+                f"{torch.cuda.device_count()}); start at most that many processes per machine"
+            )
+        dev = torch.device("cuda", index)
+        torch.cuda.set_device(dev)
+        return dev
+    if name != "cpu":
+        raise LipganError(f"unknown device {asked!r}; use auto, cpu or cuda")
+    return torch.device("cpu")

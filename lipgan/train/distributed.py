@@ -1,7 +1,7 @@
 """Data-parallel training with torch's DistributedDataParallel (gloo on CPU, NCCL on CUDA).
 
 N processes train one run as one process would on the same global batch ``B``: every rank draws
-the same global streams (batch indices, z, the penalty's interpolation weights) and keeps its own
+the same global streams (batch indices, z, the penalty's per-sample draws) and keeps its own
 ``B / N`` rows; DDP averages the gradients over ranks, and since every loss is a per-sample mean
 over equal slices,
 
@@ -12,26 +12,17 @@ averaged gradient to the same weights, so weights, optimizer state, RNG streams 
 spectral-norm vectors u, v stay identical on all ranks; one checkpoint (written by rank 0)
 therefore describes every rank, and resume is a plain load on each.
 
-Entry points:
-
-- ``torchrun --nproc_per_node=N -m lipgan train [flags]`` (:func:`main_from_env` under torchrun);
-- ``lipgan train --nproc N [flags]``: :func:`launch` starts N local processes;
-- :func:`maybe_run` is what ``lipgan train`` calls; it returns ``None`` when the run is not
-  distributed.
-
 Logging, samples, checkpoints and exports happen on rank 0 only, through
-:class:`lipgan.train.loop.Session`, with the :class:`DistributedTrainer` in place of its trainer.
-See ``docs/distributed.md``.
+:class:`lipgan.train.loop.Session`, with the :class:`DistributedTrainer` in place of its trainer;
+:mod:`lipgan.train.launch` starts the processes. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,15 +33,11 @@ from lipgan import constraints as C
 from lipgan.errors import LipganError
 from lipgan.train.config import TrainConfig
 from lipgan.train.gan import GANTrainer
-from lipgan.train.loop import NonFiniteLoss
 from lipgan.train.presets import resolve
 
 __all__ = [
     "DistributedTrainer",
     "is_main_process",
-    "launch",
-    "main_from_env",
-    "maybe_run",
     "replicas_in_sync",
 ]
 
@@ -95,7 +82,8 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def _broadcast_object(obj: Any, src: int = 0) -> Any:
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (collective)."""
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -124,14 +112,9 @@ class DistributedTrainer(GANTrainer):
     """
 
     def __init__(
-        self,
-        cfg: TrainConfig,
-        images: torch.Tensor | None = None,
-        *,
-        device: torch.device | None = None,
-        constraint: C.Constraint | None = None,
-        check_every: int | None = None,
+        self, cfg: TrainConfig, images: torch.Tensor | None = None, *, check_every=None, **kw
     ) -> None:
+        """``kw``: those of :class:`GANTrainer` (device, constraint, generator, critic)."""
         if not (dist.is_available() and dist.is_initialized()):
             raise LipganError(
                 "DistributedTrainer needs torch.distributed initialized; run it under torchrun "
@@ -144,7 +127,7 @@ class DistributedTrainer(GANTrainer):
                 f"--batch-size {cfg.batch_size} is the global batch and must split evenly over "
                 f"{self.world_size} processes; use a multiple of {self.world_size}"
             )
-        super().__init__(cfg, images, device=device, constraint=constraint)
+        super().__init__(cfg, images, **kw)
         self.local_batch = cfg.batch_size // self.world_size
         self.rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
         #: replicas compared every this many generator steps (0: never); default: checkpoints
@@ -281,7 +264,7 @@ class DistributedTrainer(GANTrainer):
     def load_state_dict(self, state: dict | None, source: str = "checkpoint") -> None:
         """Collective: every rank calls it; rank 0's ``state`` is sent to all (others may pass
         ``None``), so ranks without access to rank 0's files load the same state."""
-        state = _broadcast_object(state if self.rank == 0 else None)
+        state = broadcast_object(state if self.rank == 0 else None)
         super().load_state_dict(state, source)
         cur = state.get("rng", {}).get("cuda_current")
         if cur is not None and self.device.type == "cuda":
@@ -323,246 +306,3 @@ def replicas_in_sync(trainer: DistributedTrainer, repair: bool = False) -> int:
                 stacklevel=2,
             )
     return n_bad
-
-
-# --------------------------------------------------------------------------- one rank's run
-
-
-def _device_for(cfg: TrainConfig, local_rank: int, world: int) -> torch.device:
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LipganError("--device cuda asked for, but torch sees no CUDA device; use cpu")
-        if name != "cuda" and world > 1:
-            raise LipganError(
-                f"--device {name} with {world} processes: use --device cuda (each process "
-                "takes cuda:LOCAL_RANK; choose the cards with CUDA_VISIBLE_DEVICES)"
-            )
-        index = local_rank if name == "cuda" else torch.device(name).index or 0
-        if index >= torch.cuda.device_count():
-            raise LipganError(
-                f"process with local rank {local_rank} has no CUDA device (torch sees "
-                f"{torch.cuda.device_count()}); start at most that many processes per machine"
-            )
-        dev = torch.device("cuda", index)
-        torch.cuda.set_device(dev)
-        return dev
-    if name != "cpu":
-        raise LipganError(f"unknown device {cfg.device!r}; use auto, cpu or cuda")
-    return torch.device("cpu")
-
-
-def _run_rank(
-    cfg: TrainConfig,
-    resume: bool,
-    rank: int,
-    world: int,
-    local_rank: int,
-    init_method: str,
-    local_world: int | None = None,
-    stream=None,
-) -> Path:
-    """Train one rank of a run; every rank returns the run folder."""
-    from lipgan import data, runs
-    from lipgan.train.loop import Session
-
-    device = _device_for(cfg, local_rank, world)
-    if cfg.threads <= 0 and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # torch's default (one thread per core) in each of N processes oversubscribes the cores;
-        # torchrun sets OMP_NUM_THREADS=1 itself, which is then kept
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world or world)))
-    own_group = not dist.is_initialized()
-    if own_group:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, **kw)
-    trainer = session = None
-    try:
-        images = data.load(cfg.dataset, data_dir=cfg.data_dir).train_images
-        payload: dict[str, Any]
-        if rank == 0:
-            try:
-                if cfg.max_time_s:
-                    # Ranks would each read their own clock and could stop at different steps.
-                    raise LipganError(
-                        "--max-time-s is not supported with several processes; pass "
-                        "--max-time-s 0 and bound the run with --steps"
-                    )
-                if cfg.batch_size % world:
-                    raise LipganError(
-                        f"--batch-size {cfg.batch_size} is the global batch and must split "
-                        f"evenly over {world} processes; use a multiple of {world}"
-                    )
-                session = Session(cfg, resume=resume, stream=stream, images=images)
-                ckpt = session.run_dir.last_checkpoint
-                state = runs.load_checkpoint(ckpt) if resume and ckpt.is_file() else None
-                payload = {"cfg": session.cfg.to_dict(), "resume_state": state is not None}
-            except LipganError as exc:
-                payload, state = {"error": str(exc)}, None
-        else:
-            payload, state = {}, None
-        payload = _broadcast_object(payload)
-        if "error" in payload:
-            raise LipganError(payload["error"])
-        run_cfg = TrainConfig.from_dict(payload["cfg"])
-        if rank:
-            run_cfg = run_cfg.replace(quiet=True)
-        trainer = DistributedTrainer(run_cfg, images, device=device)
-        if payload["resume_state"]:
-            trainer.load_state_dict(state, source=str(Path(run_cfg.out) / "checkpoints/last.pt"))
-        if session is not None:
-            # Session built a plain GANTrainer from the same seed (its step-0 checkpoint equals
-            # this one's); from here on it drives the data-parallel one.
-            session.trainer = trainer
-            try:
-                session.run()
-            finally:
-                session.close()
-            path = session.finish()
-        else:
-            _follow(trainer, run_cfg)
-            path = Path(run_cfg.out)
-        dist.barrier()
-        return path
-    finally:
-        if trainer is not None:
-            trainer.close()  # before the group goes (see DistributedTrainer.close)
-        if session is not None:
-            session.trainer = None
-        del trainer, session
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _follow(trainer: DistributedTrainer, cfg: TrainConfig) -> None:
-    """The loop of ranks other than 0: the steps, and the collective part of Session's
-    non-finite-loss handling (the averaged losses are the same on every rank, so every rank
-    takes the same branch as rank 0)."""
-    import math
-
-    rollbacks = 0
-    while trainer.step < cfg.steps:
-        out = trainer.train_step()
-        vals = torch.stack([out["wasserstein"], out["loss_d"], out["penalty"], out["loss_g"]])
-        if all(math.isfinite(v) for v in vals.tolist()):
-            continue
-        if cfg.on_nan == "rollback" and rollbacks < cfg.max_rollbacks:
-            rollbacks += 1
-            trainer.load_state_dict(None)  # receives the checkpoint rank 0 reloads
-            trainer.set_lr_scale(trainer.lr_scale * cfg.nan_lr_factor)
-            continue
-        raise NonFiniteLoss(f"non-finite loss at generator step {trainer.step} (see rank 0)")
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def _env_int(name: str) -> int:
-    try:
-        return int(os.environ[name])
-    except (KeyError, ValueError):
-        raise LipganError(
-            f"environment variable {name} missing or not a number: main_from_env runs under "
-            "torchrun (torchrun --nproc_per_node=N -m lipgan train ...)"
-        ) from None
-
-
-def main_from_env(cfg: TrainConfig, resume: bool = False, stream=None) -> Path:
-    """Train ``cfg`` as one rank of a torchrun job (reads RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR/PORT); every rank returns the run folder."""
-    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return _run_rank(cfg, resume, rank, world, local_rank, "env://", local_world, stream)
-
-
-def _spawn_entry(rank: int, world: int, init_method: str, cfg: dict, resume: bool, queue) -> None:
-    # The whole group is on this machine; tell the children so (a launched child that calls
-    # maybe_run again would then see it is already a rank).
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
-    )
-    try:
-        path = _run_rank(TrainConfig.from_dict(cfg), resume, rank, world, rank, init_method, world)
-    except LipganError as exc:
-        queue.put((rank, "error", str(exc)))
-        raise SystemExit(2) from None
-    queue.put((rank, "ok", str(path)))
-
-
-def launch(
-    cfg: TrainConfig,
-    nproc: int,
-    resume: bool = False,
-    start_method: str = "spawn",
-) -> Path:
-    """Train ``cfg`` with ``nproc`` local processes (DDP); returns the run folder.
-
-    CPU: gloo, and each process
-    gets ``cores / nproc`` threads unless ``cfg.threads`` or OMP_NUM_THREADS say otherwise.
-    CUDA: NCCL, process ``r`` on ``cuda:r``. A LipganError in any process is raised here with
-    its message.
-    ``start_method``: ``spawn`` (safe anywhere; each process imports torch anew, seconds) or
-    ``fork`` (Linux, CPU only, starts at once; safe when this process has not initialized CUDA,
-    as the workers set their thread count before any parallel work).
-    """
-    import torch.multiprocessing as mp
-
-    if int(nproc) < 1:
-        raise LipganError(f"--nproc must be >= 1, got {nproc}")
-    cfg = resolve(cfg)
-    if not cfg.out:
-        from lipgan.train.loop import default_out
-
-        cfg = cfg.replace(out=default_out(cfg))  # one name for every process
-    if start_method not in ("spawn", "fork", "forkserver"):
-        raise LipganError(f"unknown start method {start_method!r}; use spawn or fork")
-    ctx = mp.get_context(start_method)
-    queue = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory(prefix="lipgan-ddp-") as tmp:
-        init = Path(tmp, "store").as_uri()  # a file store: no port to find or to race for
-        try:
-            mp.start_processes(
-                _spawn_entry,
-                args=(int(nproc), init, cfg.to_dict(), bool(resume), queue),
-                nprocs=int(nproc),
-                join=True,
-                start_method=start_method,
-            )
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-            msgs = []
-            while not queue.empty():
-                rank, kind, text = queue.get()
-                if kind == "error":
-                    msgs.append((rank, text))
-            if msgs:
-                raise LipganError(sorted(msgs)[0][1]) from None
-            raise LipganError(f"a training process failed: {str(exc).strip()[-2000:]}") from None
-    results = {}
-    while not queue.empty():
-        rank, kind, text = queue.get()
-        results[rank] = text
-    return Path(results.get(0, cfg.out))
-
-
-def _under_launcher() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def maybe_run(
-    cfg: TrainConfig, nproc: int | None = 1, resume: bool = False, stream=None
-) -> Path | None:
-    """Run ``cfg`` distributed when asked to, else return ``None`` (the caller trains as usual).
-
-    Under torchrun with WORLD_SIZE > 1: this process's rank (``nproc`` is ignored; torchrun
-    decides). Otherwise ``nproc > 1``: :func:`launch` of ``nproc`` local processes.
-    """
-    if _under_launcher():
-        if int(os.environ["WORLD_SIZE"]) > 1:
-            return main_from_env(cfg, resume=resume, stream=stream)
-        return None
-    if nproc is None or int(nproc) == 1:
-        return None
-    return launch(cfg, int(nproc), resume=resume)

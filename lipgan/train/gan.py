@@ -35,6 +35,7 @@ from lipgan import lipschitz, models
 from lipgan.errors import LipganError
 from lipgan.train.config import TrainConfig
 from lipgan.train.device import resolve_device
+from lipgan.train.ema import GeneratorEMA
 from lipgan.train.losses import LOSSES, OPTIMIZERS
 from lipgan.train.presets import resolve
 from lipgan.train.rng import isolated_rng, rng_state, set_rng_state
@@ -108,6 +109,7 @@ class GANTrainer:
         self.generator = self.generator.to(self.device, memory_format=fmt)
         self.critic = self.constraint.attach(self.critic).to(self.device, memory_format=fmt)
         self.memory_format = fmt
+        self._first_forward()
         # Project onto the constraint's set once before training (clipping, orthonormalization),
         # so the critic the first generator step sees is already constrained.
         with torch.no_grad():
@@ -137,14 +139,27 @@ class GANTrainer:
             self.g_forward = torch.compile(self.generator)
             if not self.constraint.needs_input_grad:
                 self.d_forward = torch.compile(self.critic)
-        #: an average of the generator's weights, updated after each generator step (None: off)
-        self.ema = None
+        #: a moving average of the generator's weights (cfg.ema > 0), never read by training
+        self.ema = GeneratorEMA(self.generator, cfg.ema) if cfg.ema else None
 
         self.batches = None
         if images is not None:
             self.batches = BatchSource(
                 images, generator=self.data_gen, scale="tanh", device=self.device
             )
+
+    @torch.no_grad()
+    def _first_forward(self) -> None:
+        """One eval-mode forward of both networks (nothing updated): layers that learn their
+        input shape there (operator-mode spectral norm) can then be read, exported, bounded."""
+        self.generator.eval()
+        self.critic.eval()
+        try:
+            z = torch.zeros(1, self.z_dim, device=self.device)
+            self.critic(self._prep(self.generator(z).float()))
+        finally:
+            self.generator.train()
+            self.critic.train()
 
     def _build(self, kind: str) -> nn.Module:
         kw = self.gen_kwargs if kind == "generator" else self.critic_kwargs
@@ -225,7 +240,7 @@ class GANTrainer:
         self.opt_g.step()
         self.gen_constraint.after_step(self.generator)
         if self.ema is not None:
-            self.ema.update(self.generator)
+            self.ema.update(self.generator, self.step + 1, self.cfg.batch_size)
         return {"loss_g": loss.detach()}
 
     def train_step(self, next_real: Callable[[int], torch.Tensor] | None = None) -> dict:
@@ -374,6 +389,12 @@ class GANTrainer:
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         """Restore :meth:`state_dict`; LipganError (and nothing changed) when it does not fit."""
+        version = state.get("state_format", 1)
+        if not isinstance(version, int) or not 1 <= version <= STATE_FORMAT:
+            raise LipganError(
+                f"{source} has checkpoint state format {version!r}, this lipgan reads formats 1 "
+                f"to {STATE_FORMAT}; resume it with the lipgan version that wrote it"
+            )
         self.check_compatible(state, source)
         # A mismatch is raised before anything but the weights changed; callers (resume) then
         # discard this trainer, and the run folder has not been touched yet.
@@ -384,11 +405,13 @@ class GANTrainer:
             self.opt_d.load_state_dict(state["opt_d"])
             if self.ema is not None and "ema" in state:
                 self.ema.load_state_dict(state["ema"])
+            elif self.ema is not None:  # a checkpoint without one: average from here on
+                self.ema = GeneratorEMA(self.generator, self.cfg.ema)
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise LipganError(f"{source} does not fit this run's networks: {first}") from None
         extra = state.get("extra", {})
-        if state.get("state_format", 1) < 2:
+        if version < 2:
             extra = {k: _v1_extra(v, c) for k, v, c in (
                 ("critic", extra.get("critic"), self.constraint),
                 ("generator", extra.get("generator"), self.gen_constraint),

@@ -92,8 +92,9 @@ def train(
     session = Session(cfg, resume=resume, constraint=constraint, stream=stream)
     try:
         session.run()
-    finally:
+    except BaseException:
         session.close()
+        raise
     return session.finish()
 
 
@@ -126,15 +127,59 @@ class Session:
         cfg = with_constraint(resolve(cfg), constraint)
         if not cfg.out:
             cfg = cfg.replace(out=default_out(cfg))
-        run = runs.Run(cfg.out)
+        run = runs.RunFolder(cfg.out)
+        try:
+            trainer, wall0 = self._open(run, cfg, resume, constraint, images)
+        except BaseException:
+            run.close()  # the lock, when a check refused the run
+            raise
+        self.cfg, self.run_dir, self.trainer, self.stream = cfg, run, trainer, stream
+        self.tb = None
+        if cfg.tensorboard:
+            # After a resume, drop events the interrupted segment wrote past its checkpoint.
+            self.tb = run.tensorboard(
+                purge_step=trainer.step + 1 if run.metrics_path.is_file() else None
+            )
+        self.fixed_z = torch.randn(
+            cfg.n_samples, trainer.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 3)
+        ).to(trainer.device)
+        self.progress = tqdm(
+            total=cfg.steps, initial=trainer.step, disable=cfg.quiet, file=stream or sys.stderr,
+            unit="step", dynamic_ncols=True, mininterval=0.5,
+        )  # fmt: skip
+        self.t_start = time.perf_counter()
+        self.wall0 = wall0  # wall time of earlier segments (resume)
+        self.ended = False  # the last step was the run's end (steps reached or time limit)
+        if trainer.step == 0:
+            self._checkpoint(keep=False)  # rollback target before any step
+        self.last_good = trainer.step
+        self.rollbacks = 0
+        self.layer_error: str | None = None  # why the layer analysis is off for this run
+        self.fid_error: str | None = None  # why FID is off for this run
+        self.signal: int | None = None  # SIGINT/SIGTERM received: stop after this step
+        run.write_status("running", trainer.step, cfg.steps, self.wall())
+        self.w_ema: float | None = None
+        self.t_log, self.step_log = time.perf_counter(), trainer.step
+
+    def _open(
+        self,
+        run: runs.RunFolder,
+        cfg: TrainConfig,
+        resume: bool,
+        constraint: C.Constraint | None,
+        images: torch.Tensor | None,
+    ) -> tuple[GANTrainer, float]:
+        """Check everything (config, checkpoint, resume overrides), then open the folder; the
+        trainer (state loaded) and the wall time of earlier segments."""
         state = None
         if resume:
+            run.lock()  # one writer: taken before anything is read
             if not run.config_path.is_file() and not run.last_checkpoint.is_file():
                 raise LipganError(f"{run.path}: no checkpoints/last.pt to resume from")
             if run.config_path.is_file():
                 check_resume(cfg, run.read_config(), run.path)
             if run.last_checkpoint.is_file():
-                state = runs.load_checkpoint(run.last_checkpoint)
+                state = run.load_checkpoint()  # manifest and structure checked here
         elif run.exists():
             raise LipganError(
                 f"{run.path} already holds a run; continue it with `lipgan train --resume "
@@ -163,35 +208,12 @@ class Session:
             run.write_config(cfg.to_dict())
             run.truncate_logs(trainer.step)
             run.remove_partials()
+            if state is not None and run.stale_exports(state):
+                # a kill between the exports and last.pt, or a folder of an older version
+                run.write_exports(self._exports(trainer))
         else:
             run.create(cfg.to_dict())
-        self.cfg, self.run_dir, self.trainer, self.stream = cfg, run, trainer, stream
-        self.tb = None
-        if cfg.tensorboard:
-            # After a resume, drop events the interrupted segment wrote past its checkpoint.
-            self.tb = run.tensorboard(
-                purge_step=trainer.step + 1 if run.metrics_path.is_file() else None
-            )
-        self.fixed_z = torch.randn(
-            cfg.n_samples, trainer.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 3)
-        ).to(trainer.device)
-        self.progress = tqdm(
-            total=cfg.steps, initial=trainer.step, disable=cfg.quiet, file=stream or sys.stderr,
-            unit="step", dynamic_ncols=True, mininterval=0.5,
-        )  # fmt: skip
-        self.t_start = time.perf_counter()
-        self.wall0 = wall0  # wall time of earlier segments (resume)
-        self.ended = False  # the last step was the run's end (steps reached or time limit)
-        if trainer.step == 0:
-            self._checkpoint(keep=False)  # rollback target before any step
-        self.last_good = trainer.step
-        self.rollbacks = 0
-        self.layer_error: str | None = None  # why the layer analysis is off for this run
-        self.fid_error: str | None = None  # why FID is off for this run
-        self.signal: int | None = None  # SIGINT/SIGTERM received: stop after this step
-        run.write_status("running", trainer.step, cfg.steps, self.wall())
-        self.w_ema: float | None = None
-        self.t_log, self.step_log = time.perf_counter(), trainer.step
+        return trainer, wall0
 
     @property
     def path(self) -> Path:
@@ -302,30 +324,33 @@ class Session:
                 if k != "step" and v is not None:
                     self.tb.add_scalar(k, v, step)
 
+    @staticmethod
+    def _exports(trainer: GANTrainer) -> dict[str, runs.Export]:
+        model = trainer.cfg.model
+        return {
+            "generator": runs.Export(trainer.generator, model, dict(trainer.gen_kwargs)),
+            "critic": runs.Export(trainer.critic, model, dict(trainer.critic_kwargs)),
+        }
+
     @isolated_rng()
     def _checkpoint(self, keep: bool) -> None:
-        """The exports, then ``last.pt`` (which names the step they are of): a kill between the
-        two leaves an older checkpoint, which a resume rewrites the exports from."""
-        trainer, run, cfg = self.trainer, self.run_dir, self.cfg
-        for kind, net, kwargs in (
-            ("generator", trainer.generator, trainer.gen_kwargs),
-            ("critic", trainer.critic, trainer.critic_kwargs),
-        ):
-            path = run.path / f"{kind}.safetensors"
-            runs.export_network(net, path, kind, cfg.model, dict(kwargs))
+        """The exports, then ``last.pt`` naming them (RunFolder.save_checkpoint's order): a kill
+        between the two leaves the older checkpoint, and its resume rewrites the exports."""
+        trainer, run = self.trainer, self.run_dir
+        if trainer.ema is not None:  # beside the raw generator, before the checkpoint
+            path, kwargs = run.path / "generator_ema.safetensors", dict(trainer.gen_kwargs)
+            runs.export_network(trainer.ema.module, path, "generator", trainer.cfg.model, kwargs)
         state = trainer.state_dict()
         state["wall_s"] = self.wall()
-        state["config"] = cfg.to_dict()
-        runs.save_checkpoint(run.last_checkpoint, state)
-        if keep:
-            runs.save_checkpoint(run.checkpoint_path(trainer.step), state)
+        state["config"] = self.cfg.to_dict()
+        run.save_checkpoint(state, self._exports(trainer), keep=keep)
 
     def _non_finite(self, step: int, losses: dict[str, float]) -> None:
         """Roll back to the last checkpoint with lower learning rates, or stop the run."""
         cfg, trainer, ckpt = self.cfg, self.trainer, self.run_dir.last_checkpoint
         if cfg.on_nan == "rollback" and self.rollbacks < cfg.max_rollbacks:
             self.rollbacks += 1
-            state = runs.load_checkpoint(ckpt)
+            state = self.run_dir.load_checkpoint()
             scale = float(state.get("lr_scale", 1.0)) * cfg.nan_lr_factor
             trainer.load_state_dict(state, source=str(ckpt))
             trainer.set_lr_scale(scale)
@@ -390,9 +415,9 @@ class Session:
             self.run_dir.close()
 
     def finish(self) -> Path:
-        """Mark the run done when it reached ``cfg.steps`` or its time limit; returns the run
-        folder."""
-        self.close()
+        """Mark the run done when it reached ``cfg.steps`` or its time limit, then close it
+        (the folder's lock is given back); returns the run folder."""
         if self.trainer.step >= self.cfg.steps or self.ended:
             self._status("done")
+        self.close()
         return self.path

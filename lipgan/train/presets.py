@@ -11,6 +11,12 @@ from lipgan.train.config import TrainConfig
 from lipgan.train.device import resolve_precision
 from lipgan.train.losses import LOSSES, OPTIMIZERS
 
+#: Gulrajani et al. (2017), official gan_mnist.py: Adam 1e-4, betas (0.5, 0.9), n_critic 5 with
+#: the Wasserstein loss; the presets that compare ways of keeping the critic Lipschitz share it.
+WGAN_GP_SETUP: dict[str, Any] = dict(
+    loss="wasserstein", optimizer="adam", lr_d=1e-4, lr_g=1e-4, beta1=0.5, beta2=0.9, n_critic=5
+)
+
 #: Method presets. Every value fills a TrainConfig field the user left unset (flag or YAML).
 PRESETS: dict[str, dict[str, Any]] = {
     # Arjovsky, Chintala & Bottou (2017), Algorithm 1 and official main.py: RMSProp lr 5e-5
@@ -31,28 +37,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Gulrajani et al. (2017), official gan_mnist.py: Adam 1e-4, betas (0.5, 0.9), lambda 10 (the
     # constraint's default), n_critic 5.
-    "wgan-gp": dict(
-        constraint="gradient-penalty",
-        loss="wasserstein",
-        optimizer="adam",
-        lr_d=1e-4,
-        lr_g=1e-4,
-        beta1=0.5,
-        beta2=0.9,
-        n_critic=5,
-    ),
+    "wgan-gp": {**WGAN_GP_SETUP, "constraint": "gradient-penalty"},
     # Petzka, Fischer & Lukovnikov (2018): the one-sided penalty max(0, ||grad|| - 1)^2 with the
     # WGAN-GP training setup they compared against.
-    "wgan-lp": dict(
-        constraint="lipschitz-penalty",
-        loss="wasserstein",
-        optimizer="adam",
-        lr_d=1e-4,
-        lr_g=1e-4,
-        beta1=0.5,
-        beta2=0.9,
-        n_critic=5,
-    ),
+    "wgan-lp": {**WGAN_GP_SETUP, "constraint": "lipschitz-penalty"},
     # Miyato et al. (2018), setting C: Adam 2e-4, betas (0, 0.9), n_dis 5; the critic spectrally
     # normalized (one power iteration per forward, u kept) and trained with the Wasserstein loss.
     "sn": dict(
@@ -73,17 +61,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # docs/wgan.md). The preset penalizes the squared excess over 1 of the product of the
     # sigma_l instead, lam (prod_l sigma_l - 1)_+^2 (degree 2L), with WGAN-GP's lambda 10 (lipgan's
     # choice, measured in docs/wgan.md). `--constraint-option form=sum` gives the paper's form.
-    "snr": dict(
-        constraint="spectral-norm-reg",
-        constraint_options={"form": "bound", "lam": 10.0},
-        loss="wasserstein",
-        optimizer="adam",
-        lr_d=1e-4,
-        lr_g=1e-4,
-        beta1=0.5,
-        beta2=0.9,
-        n_critic=5,
-    ),
+    "snr": {
+        **WGAN_GP_SETUP,
+        "constraint": "spectral-norm-reg",
+        "constraint_options": {"form": "bound", "lam": 10.0},
+    },
     # The study note's C(w) = prod_l ||W_l||_F, penalized like snr: lam (C(w) - 1)_+^2 with
     # lambda 10 (lipgan's choice; the sum form lambda sum ||W_l||_F^2 diverges like snr's).
     # Adam without momentum, betas (0, 0.9) as in Miyato et al. (2018): with WGAN-GP's beta1 0.5
@@ -91,29 +73,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # FID 1019); with beta1 0 it gave digits in 20 minutes on one core (FID 480). The critic's
     # last layer goes rank 1 either way (docs/wgan.md §4).
     # Arjovsky et al. (2017) saw momentum destabilize a weight-constrained critic as well.
-    "frobenius": dict(
-        constraint="frobenius-reg",
-        constraint_options={"form": "bound", "lam": 10.0},
-        loss="wasserstein",
-        optimizer="adam",
-        lr_d=1e-4,
-        lr_g=1e-4,
-        beta1=0.0,
-        beta2=0.9,
-        n_critic=5,
-    ),
+    "frobenius": {
+        **WGAN_GP_SETUP,
+        "constraint": "frobenius-reg",
+        "constraint_options": {"form": "bound", "lam": 10.0},
+        "beta1": 0.0,
+    },
     # Weight decay on the critic (the note: L2 regularization is the Frobenius bound's penalty);
     # the constraint carries the decay, added to the critic optimizer's weight_decay.
-    "l2": dict(
-        constraint="l2",
-        loss="wasserstein",
-        optimizer="adam",
-        lr_d=1e-4,
-        lr_g=1e-4,
-        beta1=0.5,
-        beta2=0.9,
-        n_critic=5,
-    ),
+    "l2": {**WGAN_GP_SETUP, "constraint": "l2"},
     # Zhang et al. (2019), SAGAN: spectral normalization in both networks, hinge loss, TTUR
     # (Heusel et al. 2017) lr_D 4e-4 / lr_G 1e-4, Adam betas (0, 0.9), one critic step per
     # generator step; the self-attention architecture. lipgan's one change: the generator's output
@@ -169,7 +137,7 @@ def preset_for(method: str) -> dict[str, Any]:
     if method in PRESETS:
         return dict(PRESETS[method])
     if method in C.available():
-        return {**PRESETS["wgan-gp"], "constraint": method}
+        return {**WGAN_GP_SETUP, "constraint": method}
     raise LipganError(f"unknown method {method!r}; choose one of: {', '.join(methods())}")
 
 
