@@ -101,8 +101,8 @@ RECIPES: dict[str, dict] = {
         beta2=0.99,
         burnin_steps=25,
     ),
-    # the flagship being tuned (filled in from the sweep; see docs/recipes.md)
-    "makerun": dict(
+    # what the trials of docs/recipes.md start from (each sets its differences with --set)
+    "base": dict(
         constraint="gradient-penalty",
         generator="dcgan28-bn",
         lr_d=2e-4,
@@ -111,6 +111,18 @@ RECIPES: dict[str, dict] = {
         beta2=0.9,
         n_critic=2,
         penalty_every=1,
+    ),
+    # the best measured so far for `make run` (docs/recipes.md, trial t1): spectral-norm critic,
+    # hinge loss, one critic step, TTUR 4e-4 / 1e-4 with betas (0, 0.9), batch norm in G, EMA
+    "makerun": dict(
+        constraint="spectral-norm",
+        generator="dcgan28-bn",
+        loss="hinge",
+        lr_d=4e-4,
+        lr_g=1e-4,
+        beta1=0.0,
+        beta2=0.9,
+        n_critic=1,
     ),
 }
 
