@@ -188,6 +188,7 @@ def train(
     clock: str = "cpu",
     eval_at: tuple[int, ...] = (),
     eval_n: int = 5000,
+    extra_half_lives: tuple[float, ...] = (),
 ) -> dict:
     """Train ``steps`` generator steps of recipe ``r`` (or until ``budget_s`` seconds of the
     ``clock``, ``"cpu"`` = process time or ``"wall"``, when positive); returns networks, EMA,
@@ -212,6 +213,8 @@ def train(
     opt_d, opt_g = _opt(r, d.parameters(), r.lr_d), _opt(r, g.parameters(), r.lr_g)
     loss_d_fn, loss_g_fn = LOSSES[r.loss]
     ema = GeneratorEMA(g, r.ema_half_life, r.ema_rampup, r.ema_buffers) if r.ema_half_life else None
+    # more EMAs of the same run (half-lives in images), to compare half-lives on one trajectory
+    extra = {h: GeneratorEMA(g, h, r.ema_rampup, r.ema_buffers) for h in extra_half_lives}
     b = r.batch_size
     cast = (
         (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
@@ -262,6 +265,8 @@ def train(
         gcon.after_step(g)
         if ema is not None:
             ema.update(g, step + 1, b)
+        for e in extra.values():
+            e.update(g, step + 1, b)
         w = float((sr.mean() - s[b:].mean()).detach())  # the last critic step's W estimate
         if not math.isfinite(w):
             raise FloatingPointError(f"non-finite critic output at step {step}")
@@ -294,6 +299,7 @@ def train(
         g=g,
         d=d,
         ema=ema,
+        extra=extra,
         steps=done,
         cpu_s=cpu,
         wall_s=wall,
@@ -351,6 +357,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--save", default=None, help="save the generator and its EMA (torch.save)")
     ap.add_argument("--eval-at", default="", help="comma-separated steps to score on the way")
     ap.add_argument("--curve-n", type=int, default=5000, help="samples per --eval-at point")
+    ap.add_argument(
+        "--extra-half-lives",
+        default="",
+        help="comma-separated EMA half-lives (images) kept beside the recipe's, scored at the end "
+        "with --curve-n samples",
+    )
     ap.add_argument("--log-every", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -363,7 +375,16 @@ def main(argv: list[str] | None = None) -> dict:
         overrides[key] = json.loads(val) if val[:1] in "[{0123456789-.tfn" else val
     r = Recipe(**{**RECIPES[args.recipe], **overrides})
     eval_at = tuple(int(x) for x in args.eval_at.split(",") if x)
-    t = train(r, args.steps, args.seed, args.log_every, eval_at=eval_at, eval_n=args.curve_n)
+    extra = tuple(float(x) for x in args.extra_half_lives.split(",") if x)
+    t = train(
+        r,
+        args.steps,
+        args.seed,
+        args.log_every,
+        eval_at=eval_at,
+        eval_n=args.curve_n,
+        extra_half_lives=extra,
+    )
     result = dict(
         recipe=args.recipe,
         overrides=overrides,
@@ -386,6 +407,12 @@ def main(argv: list[str] | None = None) -> dict:
         result["ema"] = score(t["ema"].module, args.eval_n)
     if t["ema"] is None or not args.no_raw:
         result["raw"] = score(t["g"], args.eval_n)
+    if extra:
+        result["extra_ema"] = {
+            f"{h:g}": score(e.module, args.curve_n) for h, e in t["extra"].items()
+        }
+        if args.no_raw:
+            result["raw_curve_n"] = score(t["g"], args.curve_n)
     if args.save:
         ema_state = None if t["ema"] is None else t["ema"].state_dict()
         torch.save({"g": t["g"].state_dict(), "ema": ema_state, "result": result}, args.save)
