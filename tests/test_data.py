@@ -386,3 +386,23 @@ def test_batch_source_epoch_covers_every_image_once(mnist):
 def test_batch_source_rejects_float_images():
     with pytest.raises(LipganError, match="uint8"):
         data.BatchSource(torch.zeros(2, 1, 28, 28))
+
+
+def test_info_of_zero_images_has_no_nan_statistics(tmp_path, capsys):
+    for prefix in ("train", "t10k"):
+        (tmp_path / f"{prefix}-images-idx3-ubyte").write_bytes(_idx((0, 28, 28), b""))
+        (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx((0,), b""))
+    ds = data.load("mine", data_dir=tmp_path)
+    rep = data.info(ds)
+    assert rep["splits"]["train"] == {
+        "n": 0, "per_class": [0] * 10, "pixel_mean": None, "pixel_std": None,
+    }  # fmt: skip
+    assert cli_main(["data", "info", "mine", "--data-dir", str(tmp_path)]) == 0
+    assert "nan" not in capsys.readouterr().out.lower()
+
+
+def test_info_statistics_match_a_direct_computation(mnist):
+    rep = data.info(mnist)["splits"]["test"]
+    x = mnist.test_images.to(torch.float64) / 255.0
+    assert rep["pixel_mean"] == pytest.approx(float(x.mean()), rel=1e-12)
+    assert rep["pixel_std"] == pytest.approx(float(x.std()), rel=1e-9)

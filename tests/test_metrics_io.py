@@ -275,3 +275,29 @@ def test_cli_eval_run_with_real_run_folder(tmp_path, capsys):
 
     x = generate(runs.load_network(run, "generator"), 256, seed=0)
     assert saved == pytest.approx(metrics.evaluate(x, "mnist"), rel=1e-12)
+
+
+def test_broken_sample_files_are_one_line_errors(tmp_path):
+    """Red-team finding 14: each of these was a traceback (or read /dev/zero forever)."""
+    (tmp_path / "notzip.npz").write_bytes(b"this is not a zip file at all")
+    (tmp_path / "badhdr.npy").write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4', (((")
+    (tmp_path / "short.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 2) + b"IHDR\0\0")
+    (tmp_path / "dir.png").mkdir()
+    zero = tmp_path / "zero.npy"
+    zero.symlink_to("/dev/zero")
+    for name, says in (
+        ("notzip.npz", "cannot read array|not a readable"),
+        ("badhdr.npy", "cannot read array|not a readable"),
+        ("zero.npy", "not a regular file"),
+    ):
+        with pytest.raises(LipganError, match=says) as err:
+            samples_io.load_samples(tmp_path / name)
+        assert "\n" not in str(err.value)
+    for name, says in (("short.png", "corrupt PNG"), ("dir.png", "not a regular file")):
+        with pytest.raises(LipganError, match=says):
+            samples_io.read_png(tmp_path / name)
+    png = tmp_path / "pngs"
+    png.mkdir()
+    (png / "a.png").symlink_to("/dev/zero")
+    with pytest.raises(LipganError, match="not a regular file"):
+        samples_io.load_samples(png)

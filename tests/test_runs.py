@@ -188,3 +188,47 @@ def test_run_folder_basics(tmp_path):
     with pytest.raises(LipganError):
         runs.Run(tmp_path / "nothing").read_config()
     assert _snapshot(run.path) == before
+
+
+def _export_with(path, state, meta):
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (dict(meta={"lipgan_kwargs": "{not json"}), "lipgan_kwargs is not JSON"),
+        (dict(meta={"lipgan_kwargs": "[1, 2]"}), "must be a JSON object"),
+        (dict(meta={"lipgan_kwargs": '{"width": 10000000}'}), "weights do not fit"),
+        (dict(dtype=torch.int8), "is torch.int8"),
+        (dict(nan=True), "holds NaN or inf"),
+    ],
+)
+def test_bad_export_metadata_or_tensors_are_one_line_errors(tmp_path, change, says):
+    """Red-team finding 10: each gave a traceback, or was sampled/evaluated silently."""
+    gen = models.build("generator", "dcgan28", width=4)
+    state = {k: v.contiguous() for k, v in gen.state_dict().items()}
+    if "dtype" in change:
+        state = {k: (v * 0).to(change["dtype"]) if v.is_floating_point() else v
+                 for k, v in state.items()}  # fmt: skip
+    if change.get("nan"):
+        key = next(k for k, v in state.items() if v.is_floating_point())
+        state[key] = state[key].clone().fill_(float("nan"))
+    meta = {"lipgan_kind": "generator", "lipgan_model": "dcgan28", "lipgan_kwargs": '{"width": 4}'}
+    meta.update(change.get("meta", {}))
+    path = _export_with(tmp_path / "g.safetensors", state, meta)
+    with pytest.raises(LipganError, match=says) as err:
+        runs.load_network(path, "generator")
+    assert "\n" not in str(err.value)
+
+
+def test_exports_of_equal_networks_are_byte_equal(tmp_path):
+    """safetensors writes its metadata from a hash map; lipgan sorts the header."""
+    gen = models.build("generator", "dcgan28", width=4)
+    kw = {"width": 4, "z_dim": gen.z_dim}
+    a = runs.export_network(gen, tmp_path / "a.safetensors", "generator", "dcgan28", kw)
+    blobs = {runs.export_bytes(gen, "generator", "dcgan28", kw) for _ in range(5)}
+    assert blobs == {a.read_bytes()}

@@ -54,7 +54,7 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, str]:
             if im.shape != (28, 28):
                 raise LipganError(f"{f}: image is {im.shape[1]}x{im.shape[0]}, expected 28x28")
         arr = np.stack(imgs)
-    elif path.is_file():
+    elif path.exists():  # a device or pipe too: _load_array refuses it by name
         arr = _load_array(path)
     else:
         raise LipganError(f"{path}: no such file or folder")

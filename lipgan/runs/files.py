@@ -217,9 +217,11 @@ class FolderLock:
         return self
 
     def release(self) -> None:
+        # Closing is releasing (the last descriptor of the open file goes). No LOCK_UN: a
+        # process forked while holding the lock shares it, and its LOCK_UN would free the
+        # parent's lock too.
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def __enter__(self) -> FolderLock:

@@ -193,32 +193,38 @@ class RunFolder:
         except Exception:  # interpreter shutdown: the kernel drops the lock with the process
             pass
 
-    def create(self, config: Mapping[str, Any], *, reuse: bool = False) -> RunFolder:
-        """Make the folder for a new run, lock it and write its config.
-
-        Refused, with nothing changed, when the folder holds a run, or (unless ``reuse``) any
-        file at all: an existing empty folder is fine, someone's notes are not."""
-        self.lock()
+    def _refuse_reuse(self, reuse: bool) -> None:
+        if self.exists():
+            raise LipganError(
+                f"{self.path} already holds a run; continue it with `lipgan train --resume "
+                f"{self.path}` or choose another --out"
+            )
+        if not self.path.is_dir() or reuse:
+            return
         try:
-            if self.exists():
-                raise LipganError(
-                    f"{self.path} already holds a run; continue it with `lipgan train --resume "
-                    f"{self.path}` or choose another --out"
-                )
             others = sorted(
                 p.name
                 for p in self.path.iterdir()
                 if p.name != FolderLock.NAME and not p.name.endswith(".part")
             )
-            if others and not reuse:
-                raise LipganError(
-                    f"{self.path} exists and holds files that are not a lipgan run "
-                    f"({', '.join(others[:3])}{', …' if len(others) > 3 else ''}); choose "
-                    "another --out (nothing was changed)"
-                )
         except OSError as exc:
-            self.unlock()
             raise os_error(exc, self.path) from None
+        if others:
+            raise LipganError(
+                f"{self.path} exists and holds files that are not a lipgan run "
+                f"({', '.join(others[:3])}{', …' if len(others) > 3 else ''}); choose "
+                "another --out (nothing was changed)"
+            )
+
+    def create(self, config: Mapping[str, Any], *, reuse: bool = False) -> RunFolder:
+        """Make the folder for a new run, lock it and write its config.
+
+        Refused, with nothing changed, when the folder holds a run, or (unless ``reuse``) any
+        file at all: an existing empty folder is fine, someone's notes are not."""
+        self._refuse_reuse(reuse)  # before the lock: a refused folder gets no .lock file
+        self.lock()
+        try:
+            self._refuse_reuse(reuse)  # again under the lock: another creator may have won
         except LipganError:
             self.unlock()
             raise
