@@ -32,7 +32,17 @@ CKW = {"width": 4}
 
 def _trainer_state(step: int = 3, seed: int = 0) -> tuple[dict, dict]:
     """A checkpoint shaped like the trainer's (networks, Adam moments, every RNG state), and the
-    exports that go with it."""
+    exports that go with it. One thread, so that this process and a child process compute the
+    same bits whatever thread count an earlier test left."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _trainer_state_1(step, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _trainer_state_1(step: int, seed: int) -> tuple[dict, dict]:
     torch.manual_seed(seed)
     g = models.build("generator", "dcgan28", **KW)
     d = models.build("critic", "dcgan28", **CKW)
