@@ -47,4 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         # Output piped into `head` and closed early: not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        # A file operation the library did not wrap: still one line that names the path.
+        from lipgan.runs.files import os_error
+
+        print(f"lipgan: error: {os_error(exc)}", file=sys.stderr)
+        return 2
     return int(status or 0)
