@@ -12,11 +12,13 @@ Run: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_lipschitz.py [--threads
    PyTorch reference: each layer's dense matrix from its own forward on the identity basis and
    its exact norm (eigvalsh of the smaller Gram matrix), where a side is <= 4096.
 2. 784-256-10 ReLU MLP trained here on MNIST (``--epochs 3``, seed 0; ``--epochs 0``: fixed-seed
-   random weights): operator product, merged segments, lipgan's deterministic
-   first-order LipSDP-Neuron (iteration counts, no clock) and, with ``--cvxpy``, LipSDP-Neuron as
-   an SDP by cvxpy + SCS, the reference of the issue's target (first-order within 1.05x). At 3
-   epochs (the default) the weights are those of the earlier benchmark, whose SCS optimum
-   15.4749 (1822 s) is recorded in docs/results_analysis.md.
+   random weights): operator product, merged segments, lipgan's deterministic first-order
+   LipSDP-Neuron (iteration counts, no clock) against a *certified lower bound* on the SDP
+   optimum from the dual side (``lipsdp.lipsdp_dual_ascent``: Burer-Monteiro ascent on the dual,
+   every iterate a valid bound by weak duality), so ``first-order / dual`` bounds the true ratio
+   to LipSDP from above (issue 17's target: within 1.05x in < 5 s). ``--cvxpy`` also solves the
+   SDP with cvxpy (``--solver``, default CLARABEL; at 784-256 cvxpy's canonicalization asks for
+   about 138 GB and SCS took 1822 s before, so this is for small nets).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _timed(fn):
     return out, time.perf_counter() - t, time.process_time() - c
 
 
-def dense_layer_norms(critic: nn.Module, shape, limit: int = 4096) -> dict[str, float | None]:
+def dense_layer_norms(critic: nn.Module, shape, limit: int = 6272) -> dict[str, float | None]:
     """Plain PyTorch: every linear layer's dense matrix from its own forward, exact norm."""
     out: dict[str, float | None] = {}
     x = torch.zeros(1, *shape, dtype=torch.float64)
@@ -52,12 +54,17 @@ def dense_layer_norms(critic: nn.Module, shape, limit: int = 4096) -> dict[str, 
             n_in, n_out = math.prod(in_shape), y[0].numel()
             if min(n_in, n_out) > limit:
                 out[name] = None
-            else:
+            elif n_in <= n_out:
                 eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *in_shape)
                 with torch.no_grad():
-                    A = (layer(eye).reshape(n_in, -1) - layer(x).reshape(1, -1)).t()
-                G = A.t() @ A if n_in <= n_out else A @ A.t()
-                out[name] = float(torch.linalg.eigvalsh(G)[-1].sqrt())
+                    zero = torch.zeros_like(x)  # the affine offset is the output at 0
+                    A = (layer(eye).reshape(n_in, -1) - layer(zero).reshape(1, -1)).t()
+                out[name] = float(torch.linalg.eigvalsh(A.t() @ A)[-1].sqrt())
+            else:  # A^T on the output basis by one vector-Jacobian product of torch's forward
+                _, vjp = torch.func.vjp(layer, torch.zeros(n_out, *in_shape, dtype=torch.float64))
+                eye = torch.eye(n_out, dtype=torch.float64).reshape(n_out, *y.shape[1:])
+                At = vjp(eye)[0].reshape(n_out, n_in)
+                out[name] = float(torch.linalg.eigvalsh(At @ At.t())[-1].sqrt())
         x = y
     return out
 
@@ -126,7 +133,7 @@ def bench_critic(width: int, dense_ref: bool) -> None:
 
 def mnist_mlp(epochs: int, seed: int = 0) -> tuple[nn.Module, str]:
     """The MLP of the earlier benchmark (same code and seed, so the same weights: check the
-    operator product 20.4233 at 3 epochs, whose SCS optimum 15.4749 is in results_analysis.md)."""
+    operator product 20.4233 at 3 epochs). Training is not bit-reproducible across thread counts."""
     if epochs <= 0:
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
@@ -155,7 +162,43 @@ def mnist_mlp(epochs: int, seed: int = 0) -> tuple[nn.Module, str]:
         f"test accuracy {acc:.4f}"
 
 
+def lipsdp_reference(W0, W1, solver: str = "CLARABEL", slope=(0.0, 1.0), **kw):
+    """LipSDP-Neuron by cvxpy (this benchmark's own formulation, not lipgan's solvers): returns
+    ``(primal, dual_lower)``: the solver's sqrt(rho) and a *certified lower bound* on the SDP value
+    from the solver's dual matrix, repaired to exact feasibility (``lipsdp.lipsdp_dual_bound``).
+
+    With ``W0 = U S V^T`` (rank r) the LMI is restricted to range(W0^T) (x = V z): blocks (h, r),
+    ``[[W1^T W1 - 2T, (a+b) T R], [(a+b) R^T T, -rho I - 2ab R^T T R]] <= 0``, ``R = U S``.
+    """
+    import cvxpy as cp
+    import numpy as np
+
+    from lipgan.analysis.lipsdp import lipsdp_dual_bound
+
+    a, b = slope
+    W0n, W1n = W0.detach().double().numpy(), W1.detach().double().numpy()
+    U, S, Vt = np.linalg.svd(W0n, full_matrices=False)
+    keep = S > S.max() * 1e-12
+    R, V = U[:, keep] * S[keep], Vt[keep].T
+    h, r = R.shape
+    t = cp.Variable(h, nonneg=True)
+    rho = cp.Variable()
+    T = cp.diag(t)
+    M = cp.bmat([[W1n.T @ W1n - 2 * T, (a + b) * T @ R],
+                 [(a + b) * R.T @ T, -rho * np.eye(r) - 2 * a * b * R.T @ T @ R]])  # fmt: skip
+    lmi = 0.5 * (M + M.T) << 0
+    cp.Problem(cp.Minimize(rho), [lmi]).solve(solver=solver, **kw)
+    Z = np.asarray(lmi.dual_value)
+    ev, Q = np.linalg.eigh(0.5 * (Z + Z.T))
+    F = Q * np.sqrt(np.clip(ev, 0, None))  # Z's PSD part, Z = F F^T
+    F2, F1 = torch.from_numpy(F[:h]), torch.from_numpy(V @ F[h:])  # back to x coordinates
+    lower = lipsdp_dual_bound(W0, W1, F1, F2, slope)
+    return math.sqrt(max(float(rho.value), 0.0)), lower
+
+
 def bench_mlp(epochs: int, cvxpy: bool, solver: str) -> None:
+    from lipgan.analysis.lipsdp import lipsdp_dual_ascent
+
     model, how = mnist_mlp(epochs)
     W0, W1 = model[0].weight, model[2].weight
     print(f"784-256-10 ReLU MLP, {how}")
@@ -168,12 +211,18 @@ def bench_mlp(epochs: int, cvxpy: bool, solver: str) -> None:
         (L, _), t, c = _timed(lambda iters=iters: lipschitz.lipsdp_neuron(W0, W1, max_iter=iters))
         fo[iters] = L
         print(f"  LipSDP first-order {iters:4d} steps: {L:.6f}  ({t:.2f} s wall, {c:.2f} s CPU)")
+    # the reference: a certified lower bound on the SDP optimum from the dual side (any dual
+    # point bounds it by weak duality), so first-order / dual >= the true ratio to LipSDP
+    low, t, c = _timed(lambda: lipsdp_dual_ascent(W0, W1, rank=32, steps=3000))
+    print(f"  LipSDP dual lower bound (rank 32, 3000 steps): {low:.6f}  ({t:.1f} s wall, "
+          f"{c:.1f} s CPU)")  # fmt: skip
+    for iters, L in fo.items():
+        print(f"  first-order {iters} steps / dual lower bound: {L / low:.6f} (>= true ratio)")
+    print(f"  operator product / dual lower bound: {up['operator_product'] / low:.5f}")
     if cvxpy:
-        ref, t, c = _timed(lambda: lipschitz.lipsdp_neuron_cvxpy(W0, W1, solver=solver))
-        print(f"  LipSDP cvxpy/{solver}:            {ref:.6f}  ({t:.1f} s wall, {c:.1f} s CPU)")
-        for iters, L in fo.items():
-            print(f"  first-order {iters} steps / cvxpy: {L / ref:.5f}")
-        print(f"  operator product / cvxpy: {up['operator_product'] / ref:.5f}")
+        (ref, dual), t, c = _timed(lambda: lipsdp_reference(W0, W1, solver=solver))
+        print(f"  LipSDP cvxpy/{solver}: primal {ref:.6f}, certified dual {dual:.6f}  "
+              f"({t:.1f} s wall, {c:.1f} s CPU)")  # fmt: skip
 
 
 def main() -> None:
@@ -182,7 +231,7 @@ def main() -> None:
     ap.add_argument("--widths", default="32,64")
     ap.add_argument("--epochs", type=int, default=3, help="0: fixed-seed random weights")
     ap.add_argument("--cvxpy", action="store_true", help="also solve LipSDP with cvxpy (slow)")
-    ap.add_argument("--solver", default="SCS")
+    ap.add_argument("--solver", default="CLARABEL")
     ap.add_argument("--dense-ref", action="store_true", help="plain PyTorch dense reference")
     ap.add_argument("--skip-critic", action="store_true")
     ap.add_argument("--skip-mlp", action="store_true")

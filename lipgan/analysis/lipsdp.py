@@ -16,7 +16,7 @@ import torch
 
 from lipgan.errors import LipganError
 
-__all__ = ["lipsdp_neuron", "lipsdp_neuron_cvxpy"]
+__all__ = ["lipsdp_neuron", "lipsdp_neuron_cvxpy", "lipsdp_dual_bound", "lipsdp_dual_ascent"]
 
 
 def _top_eig(mv, v: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
@@ -243,3 +243,82 @@ def lipsdp_neuron_cvxpy(
     if rho.value is None:
         raise LipganError(f"LipSDP: the solver {solver} returned no solution ({prob.status})")
     return math.sqrt(max(float(rho.value), 0.0))
+
+
+def lipsdp_dual_bound(
+    W0: torch.Tensor,
+    W1: torch.Tensor,
+    F1: torch.Tensor,
+    F2: torch.Tensor,
+    slope: tuple[float, float] = (0.0, 1.0),
+) -> float:
+    """A certified *lower* bound on the LipSDP-Neuron value from any dual point ``Z = F F^T``.
+
+    Weak duality for ``min rho`` s.t. ``[[-2ab W0^T T W0 - rho I, (a+b) W0^T T], [(a+b) T W0,
+    W1^T W1 - 2T]] <= 0``, ``T = diag(t) >= 0``: every ``Z = [F1; F2] [F1; F2]^T >= 0`` with
+    ``||F1||_F = 1`` and, per hidden unit i, ``(a+b) <u_i, v_i> - ab |u_i|^2 - |v_i|^2 >= 0``
+    (``u_i``, ``v_i`` the i-th rows of ``W0 F1`` and ``F2``: the coefficient of ``t_i`` in the
+    Lagrangian) gives ``rho* >= ||W1 F2||_F^2``. The rows of F2 are first projected onto those
+    constraints (``v_i`` into the ball of centre ``(a+b)/2 u_i``, radius ``(b-a)/2 |u_i|``) and F
+    is normalized, so any F (e.g. from a solver's dual) yields a valid bound; rounding is covered
+    by a 1e-9 relative margin. Shapes: W0 (h, n), W1 (o, h), F1 (n, k), F2 (h, k). Returns
+    ``sqrt(rho_lower)``, a lower bound on the LipSDP value ``sqrt(rho*)``.
+    """
+    W0, W1 = W0.detach().double(), W1.detach().double()
+    F1, F2 = F1.detach().double(), F2.detach().double()
+    scale = float(F1.norm())
+    if not math.isfinite(scale) or scale == 0.0:
+        raise LipganError("lipsdp_dual_bound: F1 is zero or not finite")
+    rho = float(_dual_value(W0, W1, F1, F2, slope)) * (1 - 1e-9)
+    return math.sqrt(max(rho, 0.0))
+
+
+def _dual_value(W0, W1, F1, F2, slope) -> torch.Tensor:
+    """``||W1 V||_F^2`` for F normalized and F2 projected to V (differentiable in F1, F2)."""
+    a, b = slope
+    scale = F1.norm()
+    F1, F2 = F1 / scale, F2 / scale
+    U = W0 @ F1
+    centre = 0.5 * (a + b) * U
+    radius = 0.5 * (b - a) * U.norm(dim=1, keepdim=True) * (1 - 1e-9)
+    off = F2 - centre
+    dist = off.norm(dim=1, keepdim=True)
+    shrink = torch.where(dist > radius, radius / dist.clamp_min(1e-300), torch.ones_like(dist))
+    return (W1 @ (centre + off * shrink)).square().sum()
+
+
+def lipsdp_dual_ascent(
+    W0: torch.Tensor,
+    W1: torch.Tensor,
+    slope: tuple[float, float] = (0.0, 1.0),
+    rank: int = 16,
+    steps: int = 1500,
+    lr: float = 0.02,
+    seed: int = 0,
+) -> float:
+    """A certified lower bound on the LipSDP-Neuron value by ascent on the dual (reference only).
+
+    Burer-Monteiro: ``Z = F F^T`` with F of ``rank`` columns, Adam on F for ``steps`` steps
+    maximizing :func:`lipsdp_dual_bound`'s ``||W1 V||_F^2``; every F gives a valid lower bound
+    (weak duality), so however the ascent ends, the best value seen is one. Independent of
+    :func:`lipsdp_neuron` (primal side): together they bracket the SDP optimum.
+    """
+    W0d, W1d = W0.detach().double(), W1.detach().double()
+    gen = torch.Generator().manual_seed(seed)
+    h, n = W0d.shape
+    # start near the top right singular vectors of W1 W0 (a rank-k slice of the linear bound)
+    _, _, Vt = torch.linalg.svd(W1d @ W0d, full_matrices=False)
+    k = min(rank, n)
+    X = Vt[:k].t().clone() if Vt.shape[0] >= k else torch.randn(n, k, generator=gen)
+    X = X + 1e-3 * torch.randn(n, k, generator=gen, dtype=torch.float64)
+    F1 = X.clone().requires_grad_(True)
+    F2 = (0.5 * (slope[0] + slope[1]) * (W0d @ X)).clone().requires_grad_(True)
+    opt = torch.optim.Adam([F1, F2], lr=lr)
+    best = 0.0
+    for _ in range(steps):
+        val = _dual_value(W0d, W1d, F1, F2, slope)
+        best = max(best, lipsdp_dual_bound(W0d, W1d, F1, F2, slope))
+        opt.zero_grad()
+        (-val.log()).backward()
+        opt.step()
+    return max(best, lipsdp_dual_bound(W0d, W1d, F1, F2, slope))
