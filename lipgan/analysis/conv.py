@@ -25,6 +25,10 @@ Every value returned as an upper bound is certified (never below ``max ||A x|| /
   Gram's and the factorization's rounding (``iteration.cholesky_certifies``): within 5e-4 of exact.
 - ``"dense"``: the exact norm from the dense matrix when it is small (any padding).
 
+The layer as a linear map (geometry, functional map, padding norm) is in
+:mod:`lipgan.analysis.convmap`, the ``"chol"`` Gram certificate in :mod:`lipgan.analysis.convgram`;
+this module holds the frequency-domain bounds and the dispatcher :func:`conv_upper_bound`.
+
 A transposed conv is the adjoint of the conv with the same weight on its output shape (torch
 defines it as that conv's gradient), and a map and its adjoint have the same norm. Note: the
 reshaped-kernel value SN-GAN divides by is below ``||conv||`` for Conv (one full patch), but *not*
@@ -36,17 +40,25 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lipgan.analysis.iteration import cholesky_max_eig, dense_operator_norm, symmetric_max_eig
+from lipgan.analysis.convgram import CHOL_LIMIT, cholesky_bound, conv_grams
+from lipgan.analysis.convmap import (
+    CONV_TYPES,
+    ConvGeometry,
+    conv_geometry,
+    conv_linear_map,
+    geometry_map,
+    pad_operator_norm,
+)
+from lipgan.analysis.iteration import dense_operator_norm, symmetric_max_eig
 from lipgan.errors import LipganError
 
 __all__ = [
+    "CHOL_LIMIT",
     "CONV_TYPES",
     "ConvGeometry",
     "conv_geometry",
@@ -56,150 +68,15 @@ __all__ = [
     "pad_operator_norm",
 ]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-CONV_TYPES = _CONV + _CONVT
-_FUNCS = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d),
-          3: (F.conv3d, F.conv_transpose3d)}  # fmt: skip
+# the names this module had before the split (tests and callers reach them here)
+_geometry_map = geometry_map
+_conv_grams = conv_grams
+_cholesky_bound = cholesky_bound
+
 #: support boxes larger than this use the plain embedding bound (max lambda) instead
 _BOX_LIMIT = 2048
 #: the refined bound's (directions x frequencies) system is at most this size
 _REFINE_LIMIT = 640
-#: the Cholesky certificate runs where the smaller side of each group's operator has at most this
-#: many entries (one float64 Cholesky of 4096 takes ~1.4 CPU s; 6272 ~4.3 s)
-CHOL_LIMIT = 4096
-
-
-def _tuple(v, d: int) -> tuple[int, ...]:
-    if isinstance(v, (tuple, list)):
-        return tuple(int(x) for x in v)
-    return (int(v),) * d
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """The conv that is analysed, as a linear map on ``in_shape = (C, *spatial)``.
-
-    For a transposed layer this is its adjoint conv (``transposed`` True, ``in_shape`` the
-    layer's *output* shape). ``pads``: (lo, hi) per spatial axis; ``mode`` the padding mode.
-    """
-
-    weight: torch.Tensor  # (c_out, c_in / groups, *k), float64
-    stride: tuple[int, ...]
-    dilation: tuple[int, ...]
-    groups: int
-    pads: tuple[tuple[int, int], ...]
-    mode: str
-    in_shape: tuple[int, ...]
-    transposed: bool
-
-    @property
-    def out_spatial(self) -> tuple[int, ...]:
-        k = self.weight.shape[2:]
-        return tuple(
-            (n + lo + hi - d * (kk - 1) - 1) // s + 1
-            for n, (lo, hi), d, kk, s in zip(
-                self.in_shape[1:], self.pads, self.dilation, k, self.stride
-            )
-        )
-
-
-def _check_shape(layer: nn.Module, input_shape: Sequence[int], d: int) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) != d + 1:
-        raise LipganError(
-            f"{type(layer).__name__}: input_shape must be (C, {', '.join('S' * d)}) without the "
-            f"batch dimension, got {tuple(input_shape)}"
-        )
-    if shape[0] != layer.in_channels:
-        raise LipganError(
-            f"{type(layer).__name__}: input_shape has {shape[0]} channels but the layer expects "
-            f"{layer.in_channels}"
-        )
-    return shape
-
-
-def conv_geometry(layer: nn.Module, input_shape: Sequence[int]) -> ConvGeometry:
-    """The :class:`ConvGeometry` of an ``nn.ConvNd`` / ``nn.ConvTransposeNd`` on ``input_shape``."""
-    if not isinstance(layer, CONV_TYPES):
-        raise LipganError(f"expected a torch conv layer, got {type(layer).__name__}")
-    d = layer.weight.dim() - 2
-    shape = _check_shape(layer, input_shape, d)
-    w = layer.weight.detach().to(torch.float64)  # the weight the layer uses (parametrized)
-    s, dil = _tuple(layer.stride, d), _tuple(layer.dilation, d)
-    if isinstance(layer, _CONVT):
-        p, op = _tuple(layer.padding, d), _tuple(layer.output_padding, d)
-        k = w.shape[2:]
-        out = tuple(
-            (n - 1) * ss - 2 * pp + dd * (kk - 1) + oo + 1
-            for n, ss, pp, dd, kk, oo in zip(shape[1:], s, p, dil, k, op)
-        )
-        if min(out, default=1) <= 0:
-            raise LipganError(f"{type(layer).__name__}: empty output for input {shape}")
-        return ConvGeometry(
-            w, s, dil, int(layer.groups), tuple((pp, pp) for pp in p), "zeros",
-            (layer.out_channels, *out), True,
-        )  # fmt: skip
-    r = [int(v) for v in layer._reversed_padding_repeated_twice]
-    pads = tuple((r[2 * (d - 1 - i)], r[2 * (d - 1 - i) + 1]) for i in range(d))
-    g = ConvGeometry(w, s, dil, int(layer.groups), pads, layer.padding_mode, shape, False)
-    if min(g.out_spatial, default=1) <= 0:
-        raise LipganError(f"{type(layer).__name__}: empty output for input {shape}")
-    return g
-
-
-def _torch_pads(pads: Sequence[tuple[int, int]]) -> list[int]:
-    out: list[int] = []
-    for lo, hi in reversed(pads):
-        out += [lo, hi]
-    return out
-
-
-def conv_linear_map(layer: nn.Module, input_shape: Sequence[int]) -> Callable:
-    """The layer's linear part (no bias) from its attributes, on batches ``(B, C, *S)``.
-
-    Computed functionally (torch.nn.functional), not through the module's ``forward``, so a
-    subclass that computes something else is caught by comparing the two.
-    """
-    if not isinstance(layer, CONV_TYPES):
-        raise LipganError(f"expected a torch conv layer, got {type(layer).__name__}")
-    d = layer.weight.dim() - 2
-    _check_shape(layer, input_shape, d)
-    weight = layer.weight.detach()
-    conv, convt = _FUNCS[d]
-    if isinstance(layer, _CONVT):
-        s, p, op = layer.stride, layer.padding, layer.output_padding
-        dil, gr = layer.dilation, layer.groups
-
-        def f(x: torch.Tensor) -> torch.Tensor:
-            return convt(x, weight.to(x.dtype), None, s, p, op, gr, dil)
-
-        return f
-    geom = conv_geometry(layer, input_shape)
-    tp = _torch_pads(geom.pads)
-    mode = "constant" if geom.mode == "zeros" else geom.mode
-
-    def g(x: torch.Tensor) -> torch.Tensor:
-        if any(tp):
-            x = F.pad(x, tp, mode=mode)
-        return conv(x, weight.to(x.dtype), None, geom.stride, 0, geom.dilation, geom.groups)
-
-    return g
-
-
-def _geometry_map(geom: ConvGeometry) -> Callable:
-    """The linear map of a geometry (the analysed conv, not the transposed layer)."""
-    d = len(geom.stride)
-    conv = _FUNCS[d][0]
-    tp = _torch_pads(geom.pads)
-    mode = "constant" if geom.mode == "zeros" else geom.mode
-
-    def f(x: torch.Tensor) -> torch.Tensor:
-        if any(tp):
-            x = F.pad(x, tp, mode=mode)
-        return conv(x, geom.weight.to(x.dtype), None, geom.stride, 0, geom.dilation, geom.groups)
-
-    return f
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,96 +285,6 @@ def _zero_pad_bound(geom: ConvGeometry, n_grids: int = 2, rank: int = 8) -> floa
     return math.sqrt(max(best, 0.0))
 
 
-def _conv_grams(geom: ConvGeometry, limit: int, max_entries: int = 2**25):
-    """Per group: ``(G, delta)``, the Gram matrix of a zero-padded conv on its smaller side and a
-    bound of its rounding error ``||G - G_exact||_2``; None when a side or the tap products are
-    too large.
-
-    A valid read (output p, tap t, input x = s p + d t - lo) puts ``W_t`` at block (p, x) of A, so
-    ``(A A^T)[p, p'] = sum_{t, t' reading one x} W_t W_t'^T`` (and ``(A^T A)[x, x'] = sum over
-    reads from one p of W_t^T W_t'``): a sparse count matrix times the distinct tap products.
-    """
-    w = geom.weight
-    d = len(geom.stride)
-    co, cig = w.shape[:2]
-    cog = co // geom.groups
-    out, k, sp = geom.out_spatial, w.shape[2:], geom.in_shape[1:]
-    L, K, X = math.prod(out), math.prod(k), math.prod(sp)
-    if min(cog * L, cig * X) > limit:
-        return None
-    xf, ok = torch.zeros((), dtype=torch.long), torch.ones((), dtype=torch.bool)
-    for ax in range(d):
-        xa = (
-            geom.stride[ax] * torch.arange(out[ax])[:, None]
-            + geom.dilation[ax] * torch.arange(k[ax])[None, :]
-            - geom.pads[ax][0]
-        )
-        shape = [1] * (2 * d)
-        shape[ax], shape[d + ax] = out[ax], k[ax]
-        xa = xa.reshape(shape)
-        ok = ok & (xa >= 0) & (xa < sp[ax])
-        xf = xf * sp[ax] + xa
-    ok, xf = ok.expand(*out, *k).reshape(L, K), xf.expand(*out, *k).reshape(L, K)
-    pi, ti = torch.nonzero(ok, as_tuple=True)
-    xi = xf[pi, ti]
-    out_side = cog * L <= cig * X
-    shared, other, n_o = (xi, pi, L) if out_side else (pi, xi, X)
-    c = cog if out_side else cig
-    # the reads of each shared index, padded with -1, and all their pairs
-    order = torch.argsort(shared, stable=True)
-    counts = torch.bincount(shared, minlength=int(shared.max()) + 1 if len(shared) else 1)
-    start = torch.cumsum(counts, 0) - counts
-    R = torch.full((counts.numel(), max(int(counts.max()), 1)), -1, dtype=torch.long)
-    R[shared[order], torch.arange(len(order)) - start[shared[order]]] = order
-    a, b = R[:, :, None].expand(-1, -1, R.shape[1]), R[:, None, :].expand(-1, R.shape[1], -1)
-    keep = (a >= 0) & (b >= 0)
-    i1, i2 = a[keep], b[keep]
-    taps, inv = torch.unique(ti[i1] * K + ti[i2], return_inverse=True)
-    if taps.numel() * c * c > max_entries:
-        return None
-    rows, n_t = other[i1] * n_o + other[i2], taps.numel()
-    if n_o * n_o * n_t <= 2**24:  # a dense count matrix: BLAS beats torch's sparse product
-        C = torch.zeros(n_o * n_o, n_t, dtype=torch.float64)
-        C.index_put_((rows, inv), torch.ones(len(i1), dtype=torch.float64), accumulate=True)
-    else:
-        C = torch.sparse_coo_tensor(
-            torch.stack([rows, inv]), torch.ones(len(i1), dtype=torch.float64),
-            (n_o * n_o, n_t), check_invariants=True,
-        ).coalesce()  # fmt: skip
-    inner = cig * X if out_side else cog * L  # products summed into one entry, at most
-    result = []
-    for g in range(geom.groups):
-        Wt = w[g * cog : (g + 1) * cog].reshape(cog, cig, K).permute(2, 0, 1)
-        if not out_side:
-            Wt = Wt.mT
-        P = Wt[taps // K] @ Wt[taps % K].mT  # (taps, c, c)
-        P = P.reshape(n_t, c * c)
-        Gb = C @ P if C.layout == torch.strided else torch.sparse.mm(C, P)
-        G = torch.empty(n_o * c, n_o * c, dtype=torch.float64)
-        G.view(n_o, c, n_o, c).copy_(Gb.view(n_o, n_o, c, c).transpose(1, 2))
-        # |fl(G) - G| <= gamma_m |A| |A|^T entrywise (any summation order), so its 2-norm is at
-        # most gamma_m ||A||_F^2, and ||A||_F^2 = sum over reads of ||W_t||_F^2; ten times that
-        fro = float(Wt.square().sum((1, 2))[ti].sum()) * 1.01
-        m = inner + 2
-        # G is symmetric up to rounding; the Cholesky reads its lower triangle only
-        result.append((G, 10 * m * 2.0**-53 / (1 - m * 2.0**-53) * fro))
-    return result
-
-
-def _cholesky_bound(geom: ConvGeometry, limit: int = CHOL_LIMIT) -> float | None:
-    """The ``"chol"`` bound of a zero-padded conv (max over groups), or None."""
-    grams = _conv_grams(geom, limit)
-    if grams is None:
-        return None
-    best = 0.0
-    for G, delta in grams:
-        t = cholesky_max_eig(G, delta)
-        if t is None:
-            return None
-        best = max(best, t)
-    return math.sqrt(best)
-
-
 def _circulant_rows_bound(geom: ConvGeometry) -> tuple[float, bool]:
     """Circular padding: sqrt(multiplicity) x the exact norm of the full circulant it rows from.
 
@@ -521,25 +308,6 @@ def _circulant_rows_bound(geom: ConvGeometry) -> tuple[float, bool]:
     return math.sqrt(mult * max(float(lam.max()), 0.0)), exact
 
 
-def pad_operator_norm(shape_spatial: Sequence[int], pads, mode: str) -> float:
-    """Exact ``||P||`` of torch's N-d padding (``pads``: (lo, hi) per axis) on one channel.
-
-    Each padded entry copies one input entry (or is 0), so ``P^T P`` is diagonal with the copy
-    counts, ``||P|| = sqrt(max count)``; the padding acts axis by axis, so it is the product.
-    Negative pads (crops) are allowed.
-    """
-    if mode in ("zeros", "constant"):
-        return 1.0
-    total = 1
-    for n, (lo, hi) in zip(shape_spatial, pads):
-        idx = torch.arange(n, dtype=torch.float64).reshape(1, 1, n)
-        try:
-            padded = F.pad(idx, (lo, hi), mode=mode)
-        except (RuntimeError, NotImplementedError, ValueError) as exc:
-            raise LipganError(f"{mode} padding {(lo, hi)} of a length-{n} axis: {exc}") from None
-        total *= int(torch.bincount(padded.reshape(-1).long(), minlength=n).max())
-    return math.sqrt(total)
-
 
 def conv_upper_bound(
     layer: nn.Module,
@@ -559,11 +327,11 @@ def conv_upper_bound(
         bound, exact = _circulant_rows_bound(geom)
         if exact:
             return bound, True, "fft"
-    dense = dense_operator_norm(_geometry_map(geom), geom.in_shape, dense_limit)
+    dense = dense_operator_norm(geometry_map(geom), geom.in_shape, dense_limit)
     if dense is not None:
         return dense, True, "dense"
     if geom.mode == "zeros":
-        chol = _cholesky_bound(geom, chol_limit)
+        chol = cholesky_bound(geom, chol_limit)
         if chol is not None:
             return chol, False, "chol"
         return _zero_pad_bound(geom, n_grids), False, "freq"
@@ -574,7 +342,7 @@ def conv_upper_bound(
         geom.weight, geom.stride, geom.dilation, geom.groups,
         tuple((0, 0) for _ in geom.pads), "zeros", (geom.in_shape[0], *padded), False,
     )  # fmt: skip
-    chol = _cholesky_bound(valid, chol_limit)
+    chol = cholesky_bound(valid, chol_limit)
     if chol is not None:
         candidates = [(p * chol, "pad*chol")]
     else:
