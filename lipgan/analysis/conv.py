@@ -52,6 +52,8 @@ from lipgan.analysis.convmap import (
     conv_geometry,
     conv_linear_map,
     geometry_map,
+    one_thread,
+    outer_threads,
     pad_operator_norm,
 )
 from lipgan.analysis.iteration import dense_operator_norm, symmetric_max_eig
@@ -66,6 +68,8 @@ __all__ = [
     "frequency_matrices",
     "conv_upper_bound",
     "pad_operator_norm",
+    "one_thread",
+    "outer_threads",
 ]
 
 # the names this module had before the split (tests and callers reach them here)
@@ -259,6 +263,11 @@ def _refined_box_bound(
 
 def _zero_pad_bound(geom: ConvGeometry, n_grids: int = 2, rank: int = 8) -> float:
     """The ``"freq"`` bound of a zero-padded conv (any stride, dilation, groups, pads)."""
+    with one_thread():
+        return _zero_pad_bound_1t(geom, n_grids, rank)
+
+
+def _zero_pad_bound_1t(geom: ConvGeometry, n_grids: int, rank: int) -> float:
     w = geom.weight
     out = geom.out_spatial
     sizes = []
@@ -290,6 +299,11 @@ def _circulant_rows_bound(geom: ConvGeometry) -> tuple[float, bool]:
 
     Returns ``(bound, exact)``; exact when the layer is the full (strided) circulant.
     """
+    with one_thread():
+        return _circulant_rows_bound_1t(geom)
+
+
+def _circulant_rows_bound_1t(geom: ConvGeometry) -> tuple[float, bool]:
     w = geom.weight
     strides, grid, mult = [], [], 1
     exact = True

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from lipgan.analysis.convmap import ConvGeometry
+from lipgan.analysis.convmap import ConvGeometry, one_thread, outer_threads
 from lipgan.analysis.iteration import cholesky_max_eig
 
 __all__ = ["CHOL_LIMIT", "conv_grams", "cholesky_bound"]
@@ -99,12 +99,18 @@ def conv_grams(geom: ConvGeometry, limit: int, max_entries: int = 2**25):
 
 def cholesky_bound(geom: ConvGeometry, limit: int = CHOL_LIMIT) -> float | None:
     """The ``"chol"`` bound of a zero-padded conv (max over groups), or None."""
-    grams = conv_grams(geom, limit)
+    with one_thread():  # many small products; the Cholesky below may use every thread
+        grams = conv_grams(geom, limit)
     if grams is None:
         return None
     best = 0.0
     for G, delta in grams:
-        t = cholesky_max_eig(G, delta)
+        if G.shape[0] <= 2048:  # small: one thread is faster than two
+            with one_thread():
+                t = cholesky_max_eig(G, delta)
+        else:  # one large factorization: the caller's threads (BLAS 3 scales)
+            with outer_threads():
+                t = cholesky_max_eig(G, delta)
         if t is None:
             return None
         best = max(best, t)

@@ -327,8 +327,17 @@ def layer_bound(
     dense matrix (entries) built for an exact norm. ``lower=False`` skips the power iteration
     where the bound is not exact (``lower`` is then 0). ``n_iter``: its matrix-vector products.
     ``chol_limit``: the largest smaller side of a conv certified by Cholesky (0: never).
-    Raises ``LipganError`` naming the module when it cannot be bounded soundly.
+    Raises ``LipganError`` naming the module when it cannot be bounded soundly. Runs on one
+    thread (small linear algebra: a second thread only spins), but for a conv's large Cholesky.
     """
+    with _conv.one_thread():
+        return _layer_bound(
+            module, input_shape, dense_limit=dense_limit, lower=lower, n_iter=n_iter, seed=seed,
+            chol_limit=chol_limit,
+        )  # fmt: skip
+
+
+def _layer_bound(module, input_shape, *, dense_limit, lower, n_iter, seed, chol_limit):
     m = module
     shape = _shape(input_shape)
     if isinstance(m, nn.Linear):
