@@ -238,8 +238,17 @@ class RunFolder(RunLogs):
         return cfg
 
     def write_status(
-        self, state: str, step: int, steps: int, wall_s: float, reason: str | None = None
+        self,
+        state: str,
+        step: int,
+        steps: int,
+        wall_s: float,
+        reason: str | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
+        """Write status.json: the five core keys, then the keys of ``extra`` (JSON values, e.g.
+        CPU seconds or a measurement budget) that are not core keys (those always win)."""
         status = {
             "state": state,
             "reason": reason,
@@ -247,6 +256,7 @@ class RunFolder(RunLogs):
             "steps": int(steps),
             "wall_s": round(float(wall_s), 3),
         }
+        status.update({k: v for k, v in (extra or {}).items() if k not in status})
         with self._writing():
             atomic_write_text(self.status_path, json.dumps(status, indent=1) + "\n")
 

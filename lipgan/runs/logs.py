@@ -35,18 +35,63 @@ class RunLogs:
 
     _metrics_fh = None
     _layers_fh = None
+    #: the header of each open log file: the current columns, then any an older lipgan wrote
+    _headers: dict[Path, list[str]] = {}
 
     def _open_csv(self, path: Path, columns: Iterable[str]):
+        """Open a log for appending under the folder's lock. A file written by an older lipgan
+        with fewer columns is first rewritten to the current ones (its rows mapped by its own
+        header, new cells empty), so its rows are kept and new rows line up."""
         self.lock()
+        columns = list(columns)
         try:
-            new = not path.is_file() or path.stat().st_size == 0
+            header = self._file_header(path)
+            if header is not None and not set(columns) <= set(header):
+                header = self._rewrite(path, columns, None)
             fh = open(path, "a", newline="")
-            if new:
+            if header is None:
+                header = columns
                 csv.writer(fh).writerow(columns)
                 fh.flush()
         except OSError as exc:
             raise os_error(exc, path) from None
+        self._headers = {**self._headers, path: header}
         return fh
+
+    @staticmethod
+    def _file_header(path: Path) -> list[str] | None:
+        """The first row of the CSV at ``path``; None when there is no file or it is empty."""
+        if not path.is_file() or path.stat().st_size == 0:
+            return None
+        with open(path, newline="") as fh:
+            return next(csv.reader(fh), None)
+
+    def _rewrite(self, path: Path, columns: list[str], after_step: int | None) -> list[str]:
+        """Rewrite the log at ``path`` atomically with header ``columns`` plus the file's other
+        columns (kept: nothing written is lost), each row mapped by the file's own header.
+        Dropped: torn rows (not as many cells as that header), and with ``after_step`` rows
+        whose step is not a number or is above it. Returns the new header."""
+        rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
+        old = rows[0] if rows else columns
+        at = old.index("step") if "step" in old else 0
+        kept = []
+        for r in rows[1:]:
+            if len(r) != len(old):
+                continue
+            if after_step is not None:
+                try:
+                    if int(r[at]) > after_step:
+                        continue
+                except ValueError:
+                    continue
+            kept.append(dict(zip(old, r)))
+        # an old column stays while a kept row has a value in it (not a header torn by a kill)
+        header = columns + [c for c in old if c not in columns and any(k[c] for k in kept)]
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header] + [[k.get(c, "") for c in header] for k in kept])
+        with self._writing():
+            atomic_write_text(path, buf.getvalue())
+        return header
 
     def _append(self, fh, rows: Iterable[list], path: Path) -> None:
         try:
@@ -62,40 +107,30 @@ class RunLogs:
             raise ValueError(f"unknown metrics columns {sorted(extra)}")
         if self._metrics_fh is None:
             self._metrics_fh = self._open_csv(self.metrics_path, METRIC_COLUMNS)
-        self._append(
-            self._metrics_fh, [[_fmt(row.get(c)) for c in METRIC_COLUMNS]], self.metrics_path
-        )
+        header = self._headers[self.metrics_path]
+        self._append(self._metrics_fh, [[_fmt(row.get(c)) for c in header]], self.metrics_path)
 
     def log_layer_norms(self, step: int, rows: Iterable[tuple[str, Any, Any]]) -> None:
         """Append ``(layer, operator_norm, reshaped_norm)`` rows for ``step`` to layer_norms.csv."""
         if self._layers_fh is None:
             self._layers_fh = self._open_csv(self.layer_norms_path, LAYER_COLUMNS)
-        out = [[step, layer, _fmt(op), _fmt(reshaped)] for layer, op, reshaped in rows]
+        header = self._headers[self.layer_norms_path]
+        out = []
+        for layer, op, reshaped in rows:
+            cells = dict(zip(LAYER_COLUMNS, (step, layer, _fmt(op), _fmt(reshaped))))
+            out.append([cells.get(c, "") for c in header])
         self._append(self._layers_fh, out, self.layer_norms_path)
 
     def truncate_logs(self, after_step: int) -> None:
-        """Drop CSV rows with ``step > after_step`` and torn rows (resume, rollback)."""
+        """Drop CSV rows with ``step > after_step`` and torn rows (resume, rollback); a log an
+        older lipgan wrote gets the current columns, its rows mapped by its own header."""
         self.close_logs()
         for path, columns in (
             (self.metrics_path, METRIC_COLUMNS),
             (self.layer_norms_path, LAYER_COLUMNS),
         ):
-            if not path.is_file():
-                continue
-            rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
-            keep = [list(columns)]
-            for r in rows[1:]:
-                if len(r) != len(columns):
-                    continue
-                try:
-                    if int(r[0]) <= after_step:
-                        keep.append(r)
-                except ValueError:
-                    continue
-            buf = io.StringIO()
-            csv.writer(buf).writerows(keep)
-            with self._writing():
-                atomic_write_text(path, buf.getvalue())
+            if path.is_file():
+                self._rewrite(path, list(columns), after_step)
 
     def _csv_rows(self, path: Path) -> tuple[list[str], list[list[str]]]:
         if not path.is_file():
