@@ -1,7 +1,7 @@
 """Whole-network Lipschitz bounds: the dcgan28 critic and a 784-256-10 ReLU MLP.
 
 Run: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_lipschitz.py [--threads 2] [--cvxpy]
-     [--widths 32,64] [--epochs 0] [--dense-ref]
+     [--widths 32,64] [--epochs 0] [--dense-ref] [--one-thread]
 
 1. dcgan28 critic (lipgan/models, random init, seed 0): the layer table plus every certified
    upper bound (``lipschitz.upper_bounds``: per-layer bounds, products, merged segments), timed
@@ -24,6 +24,7 @@ Run: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_lipschitz.py [--threads
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 
@@ -87,8 +88,9 @@ def _count_layer_bound_cpu() -> dict:
     return spent
 
 
-def bench_critic(width: int, dense_ref: bool) -> None:
+def bench_critic(width: int, dense_ref: bool, wrap: bool = False) -> None:
     from lipgan import models
+    from lipgan.analysis.convmap import one_thread
 
     spent = _count_layer_bound_cpu()
 
@@ -97,14 +99,16 @@ def bench_critic(width: int, dense_ref: bool) -> None:
     def analysis(seed: int):
         torch.manual_seed(seed)
         critic = models.build("critic", "dcgan28", width=width)
-        upper, table = lipschitz.upper_bounds(critic, shape)  # the layer table comes with it
+        with one_thread() if wrap else contextlib.nullcontext():
+            upper, table = lipschitz.upper_bounds(critic, shape)  # the layer table comes with it
         return critic, table, upper
 
     (critic, table, upper), cold, cold_cpu = _timed(lambda: analysis(0))
     spent["cpu"] = 0.0
     _, warm, warm_cpu = _timed(lambda: analysis(1))
     per_layer = spent["cpu"]
-    print(f"dcgan28 critic width {width}: layer table + upper bounds")
+    how = " (whole call inside convmap.one_thread())" if wrap else ""
+    print(f"dcgan28 critic width {width}: layer table + upper bounds{how}")
     print(f"  cold {cold:7.2f} s wall {cold_cpu:7.2f} s CPU; warm {warm:7.2f} s wall "
           f"{warm_cpu:7.2f} s CPU")  # fmt: skip
     print(f"  warm: per-layer bounds (layer_bound) {per_layer:.2f} s CPU, graph + chain bounds "
@@ -233,6 +237,8 @@ def main() -> None:
     ap.add_argument("--cvxpy", action="store_true", help="also solve LipSDP with cvxpy (slow)")
     ap.add_argument("--solver", default="CLARABEL")
     ap.add_argument("--dense-ref", action="store_true", help="plain PyTorch dense reference")
+    ap.add_argument("--one-thread", action="store_true",
+                    help="run the critic analysis inside convmap.one_thread() (big Cholesky: all)")
     ap.add_argument("--skip-critic", action="store_true")
     ap.add_argument("--skip-mlp", action="store_true")
     args = ap.parse_args()
@@ -241,7 +247,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     if not args.skip_critic:
         for w in (int(s) for s in args.widths.split(",")):
-            bench_critic(w, args.dense_ref)
+            bench_critic(w, args.dense_ref, args.one_thread)
     if not args.skip_mlp:
         bench_mlp(args.epochs, args.cvxpy, args.solver)
 

@@ -303,6 +303,15 @@ def lipsdp_dual_ascent(
     (weak duality), so however the ascent ends, the best value seen is one. Independent of
     :func:`lipsdp_neuron` (primal side): together they bracket the SDP optimum.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small products: a second thread only spins
+    try:
+        return _dual_ascent(W0, W1, slope, rank, steps, lr, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _dual_ascent(W0, W1, slope, rank, steps, lr, seed) -> float:
     W0d, W1d = W0.detach().double(), W1.detach().double()
     gen = torch.Generator().manual_seed(seed)
     h, n = W0d.shape
