@@ -64,7 +64,7 @@ def dense_layer_norms(critic: nn.Module, shape, limit: int = 6272) -> dict[str, 
             else:  # A^T on the output basis by one vector-Jacobian product of torch's forward
                 _, vjp = torch.func.vjp(layer, torch.zeros(n_out, *in_shape, dtype=torch.float64))
                 eye = torch.eye(n_out, dtype=torch.float64).reshape(n_out, *y.shape[1:])
-                At = vjp(eye)[0].reshape(n_out, n_in)
+                At = vjp(eye)[0].detach().reshape(n_out, n_in)
                 out[name] = float(torch.linalg.eigvalsh(At @ At.t())[-1].sqrt())
         x = y
     return out
