@@ -1,0 +1,113 @@
+"""torch.fx tracing of a model for the graph analysis, and the names its messages use.
+
+Leaves of the trace are the modules lipgan recognises (``isinstance`` of torch's or lipgan's
+classes), modules that declare ``lipschitz_constant``, and torch.nn layers (bounded or refused by
+name); containers and user modules are traced through. A model whose ``forward`` fx cannot trace
+(control flow on tensor values) is a LipganError.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from lipgan.analysis import leaves as lv
+from lipgan.errors import LipganError
+
+__all__ = ["trace", "user_name", "is_shape_query", "target_name", "refuse"]
+
+
+class _Tracer(fx.Tracer):
+    """Leaves: modules lipgan recognises or that declare a constant, and torch.nn layers (which
+    lipgan then bounds or refuses by name); everything else is traced through."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if lv.declared_constant(m) is not None or lv.known_base(m) is not None:
+            return True
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        return m.__module__.startswith("torch.nn") and not m.__module__.startswith(
+            "torch.nn.utils.parametrize"
+        )
+
+    def call_module(self, m, forward, args, kwargs):
+        if not self.is_leaf_module(m, self.path_of_module(m)) and (
+            m._forward_hooks or m._forward_pre_hooks
+        ):
+            raise LipganError(
+                f"cannot bound {type(m).__name__}: it has forward hooks, which a traced graph "
+                "does not see; remove them for the analysis"
+            )
+        return super().call_module(m, forward, args, kwargs)
+
+
+class _Root(nn.Module):
+    """The model as a child, so that a model that is itself a leaf (a Linear, a hooked layer)
+    is called, hooks and all, like any other leaf."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The fx graph of ``model.forward`` (LipganError when fx cannot trace it)."""
+    tracer = _Tracer()
+    root = _Root(model)
+    try:
+        graph = tracer.trace(root)
+    except LipganError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LipganError(
+            f"cannot bound {type(model).__name__}: torch.fx cannot trace its forward ({first}). "
+            "Control flow on input values (if/for on a tensor) has no graph to bound; write it "
+            "without, or declare the constant of the module that has it with `lipschitz_constant`"
+        ) from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def user_name(qualname: str, root: nn.Module) -> str:
+    """A module's name as the user wrote it: "0", "layer1.conv" (not "model.0")."""
+    q = str(qualname)
+    if q == "model":
+        return type(root).__name__
+    return q[len("model.") :] if q.startswith("model.") else q
+
+
+_SHAPE_QUERIES = {"size", "dim", "numel", "ndimension", "nelement", "type_as_shape"}
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _SHAPE_QUERIES:
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "dtype", "device", "ndim")
+    return False
+
+
+def where(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    qual, cls = list(stack.values())[-1]
+    qual = qual[len("model.") :] if str(qual).startswith("model.") else qual
+    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    if qual == "model":  # the model itself
+        return f" in {cls_name.split('.')[-1]}.forward"
+    return f" in module {qual!r} ({cls_name.split('.')[-1]})"
+
+
+def target_name(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        return f"Tensor.{t}"
+    return getattr(t, "__name__", None) or getattr(t, "__qualname__", None) or str(t)
+
+
+def refuse(node: fx.Node, why: str) -> LipganError:
+    return lv.cannot(f"{node.name} = {target_name(node)}(...){where(node)}", None, why)
