@@ -3,7 +3,8 @@
 Each model is a random program over a pool of feature maps (C x H x W): convolutions, Linear maps
 through flatten/unflatten, module and functional activations, scalings, residual additions,
 subtractions, concatenations (sliced or mixed back by a 1x1 conv), chunks, pooling followed by
-upsampling, BatchNorm in eval mode, and blocks nested in child modules. Truth (float64, from the
+upsampling, BatchNorm in eval mode, lipgan's GroupSort (MaxMin), and blocks nested in child
+modules. Truth (float64, from the
 model's own forward, never from lipgan): the dense Jacobian; for a purely linear graph it is the
 exact constant, for a ReLU graph the max of ||J(x)|| over random points is a lower bound of it.
 Every certified upper bound must be >= that truth (or lipgan raises LipganError), and the
@@ -20,6 +21,7 @@ from torch import nn
 from lipgan import lipschitz as L
 from lipgan.analysis.report import UnsoundBoundError
 from lipgan.errors import LipganError
+from lipgan.layers import GroupSort
 
 C, H = 2, 4
 OPS = [
@@ -39,6 +41,7 @@ OPS = [
     "bn",
     "nested",
     "neg",
+    "groupsort",
 ]
 LINEAR_OPS = {
     "conv",
@@ -102,6 +105,8 @@ class Program(nn.Module):
                 self.mods.append(Nested(act_nested))
             elif op == "relu":
                 self.mods.append(nn.ReLU())
+            elif op == "groupsort":  # lipgan's MaxMin over channels: a leaf of constant 1
+                self.mods.append(GroupSort(2))
             else:
                 self.mods.append(nn.Identity())
         self.head = nn.Linear(C * H * H, 3)
@@ -113,7 +118,7 @@ class Program(nn.Module):
             b = pool[self.srcs[i][1] % len(pool)]
             c = self.consts[i]
             m = self.mods[i]
-            if op in ("conv", "bn", "nested", "relu"):
+            if op in ("conv", "bn", "nested", "relu", "groupsort"):
                 y = m(a)
             elif op == "linear":
                 y = m(a.flatten(1)).view(a.shape[0], C, H, H)
@@ -227,3 +232,35 @@ def test_a_residual_graph_is_bounded_not_refused_and_never_below_truth():
         3,
     )
     assert check(spec, linear=False, points=8) is not None
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_groupsort_in_a_traced_residual_block_is_a_leaf_of_constant_one(group):
+    """lipgan's GroupSort (MaxMin for 2) inside a custom forward: an fx leaf bounded by 1."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(C, 4, 3, padding=1)
+            self.sort = GroupSort(group)
+            self.mix = nn.Conv2d(4, C, 1)
+
+        def forward(self, x):
+            return x + self.mix(self.sort(self.conv(x)))
+
+    torch.manual_seed(group)
+    model = nn.Sequential(Block(), nn.Flatten(), nn.Linear(C * H * H, 3)).double().eval()
+    rep = L.estimate(model, input_shape=(C, H, H), restarts=2, steps=2, lipsdp_iters=40)
+    (row,) = [r for r in rep.layers if r["type"] == "GroupSort"]
+    assert row["name"] == "0.sort" and row["constant"] == pytest.approx(1.0, rel=1e-9)
+    g = torch.Generator().manual_seed(1)
+    truth = max(jac_norm(model, torch.randn(C, H, H, generator=g, dtype=torch.float64))
+                for _ in range(8))  # fmt: skip
+    for name, up in rep.upper.items():
+        assert up >= truth * (1 - 1e-7), (name, up, truth)
+
+
+def test_groupsort_along_the_batch_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), GroupSort(2, dim=0), nn.Linear(4, 2))
+    with pytest.raises(LipganError, match=r"'1' \(GroupSort\).*batch"):
+        L.upper_bounds(model, (4,))

@@ -257,6 +257,9 @@ def module_leaf(name: str, m: nn.Module, in_shape: tuple, out_shape: tuple) -> L
         return leaf
     if base is None:
         raise cannot(name, m, "lipgan knows no Lipschitz constant for this layer")
+    if base in _lipgan_types() and int(m.dim) % (len(in_shape) + 1) == 0:
+        # 1-Lipschitz on the whole batch, but no function of one sample: no per-sample constant
+        raise cannot(name, m, "it sorts along the batch dimension (dim=0), which mixes samples")
     try:
         upper, method = _layer_bound(m, in_shape)
     except LipganError as exc:
