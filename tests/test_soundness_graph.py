@@ -3,8 +3,8 @@
 Each model is a random program over a pool of feature maps (C x H x W): convolutions, Linear maps
 through flatten/unflatten, module and functional activations, scalings, residual additions,
 subtractions, concatenations (sliced or mixed back by a 1x1 conv), chunks, pooling followed by
-upsampling, BatchNorm in eval mode, lipgan's GroupSort (MaxMin), and blocks nested in child
-modules. Truth (float64, from the
+upsampling, BatchNorm in eval mode, lipgan's GroupSort (MaxMin), functional sorts, and blocks nested
+in child modules. Truth (float64, from the
 model's own forward, never from lipgan): the dense Jacobian; for a purely linear graph it is the
 exact constant, for a ReLU graph the max of ||J(x)|| over random points is a lower bound of it.
 Every certified upper bound must be >= that truth (or lipgan raises LipganError), and the
@@ -42,6 +42,8 @@ OPS = [
     "nested",
     "neg",
     "groupsort",
+    "sort",
+    "sort_px",
 ]
 LINEAR_OPS = {
     "conv",
@@ -140,6 +142,10 @@ class Program(nn.Module):
                 y = torch.cat([a, b], dim=1)[:, 1 : 1 + C]
             elif op == "cat_mix":
                 y = m(torch.cat([a, b], dim=1))
+            elif op == "sort":  # functional sort over channels, its values
+                y = torch.sort(a, dim=1).values
+            elif op == "sort_px":  # each channel's pixels sorted, as MaxMin-style code writes it
+                y = a.flatten(2).sort(dim=-1, descending=True)[0].view_as(a)
             elif op == "chunk":
                 y = torch.cat([a, b], dim=1).chunk(2, dim=1)[1]
             else:  # pool_up
@@ -264,3 +270,24 @@ def test_groupsort_along_the_batch_is_refused_by_name():
     model = nn.Sequential(nn.Linear(4, 4), GroupSort(2, dim=0), nn.Linear(4, 2))
     with pytest.raises(LipganError, match=r"'1' \(GroupSort\).*batch"):
         L.upper_bounds(model, (4,))
+
+
+@pytest.mark.parametrize(
+    "forward,why",
+    [
+        (lambda y: y + torch.sort(y, dim=1).indices.double(), "indices"),
+        (lambda y: torch.sort(y, dim=0).values, "batch"),
+    ],
+    ids=["indices", "batch"],
+)
+def test_sorts_that_are_not_lipschitz_per_sample_are_refused(forward, why):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return forward(self.a(x))
+
+    with pytest.raises(LipganError, match=rf"'sort = sort\(\.\.\.\).*{why}"):
+        L.upper_bounds(Model(), (4,))

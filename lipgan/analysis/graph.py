@@ -14,7 +14,9 @@ model input to that node (in L2, per sample):
 - ``cat``/``stack`` of branches, elementwise ``maximum``/``minimum``: ``sqrt(sum_i k_i L_i^2)``
   (``||[f(x)-f(y); g(x)-g(y)]||^2 <= (L_f^2 + L_g^2) ||x-y||^2``, whatever the branches share);
 - ``chunk``/``split``/``unbind`` and indexing of their results: ``L`` of the input (a coordinate
-  restriction has norm <= 1).
+  restriction has norm <= 1);
+- the values of ``torch.sort`` / ``x.sort`` along a feature dimension: ``L`` of the input (sorting
+  is 1-Lipschitz); a use of the indices is refused.
 
 Anything else that depends on the input (a product of two activations as in attention, LayerNorm,
 an unknown function, control flow on values that fx cannot trace) raises LipganError naming the
@@ -44,6 +46,7 @@ from lipgan.analysis.nodes import (
     MATMUL,
     MAXMIN,
     MUL,
+    SORTS,
     SPLITS,
     SUB,
     in_set,
@@ -64,6 +67,18 @@ class GraphBounds:
     upper: dict[str, float]
     leaves: list[lv.Leaf] = field(default_factory=list)
     chain: bool = False  # the whole model is one path
+
+
+def _shape_of_second(node: fx.Node) -> bool:
+    """``a.view_as(b)``, ``a.reshape_as(b)``, ``a.expand_as(b)``: only b's shape is used."""
+    return node.op == "call_method" and node.target in ("view_as", "reshape_as", "expand_as")
+
+
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The nodes whose values (not only their shapes) the node computes with."""
+    if _shape_of_second(node):
+        return [a for a in node.args[:1] if isinstance(a, fx.Node)]
+    return node.all_input_nodes
 
 
 class Analysis:
@@ -95,14 +110,14 @@ class Analysis:
             elif is_shape_query(node):
                 self.dep[node] = False
             else:
-                self.dep[node] = any(self.dep.get(a, False) for a in node.all_input_nodes)
+                self.dep[node] = any(self.dep.get(a, False) for a in _value_inputs(node))
 
     def val(self, a):
         return fx.node.map_arg(a, lambda n: self.env[n])
 
     def dep_args(self, node: fx.Node) -> list[fx.Node]:
         out = []
-        for a in node.all_input_nodes:
+        for a in _value_inputs(node):
             if self.dep[a] and a not in out:
                 out.append(a)
         return out
@@ -110,7 +125,8 @@ class Analysis:
     def occurrences(self, node: fx.Node) -> int:
         """How many times input-dependent nodes appear among the arguments (with repeats)."""
         found: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+        args = node.args[:1] if _shape_of_second(node) else (node.args, node.kwargs)
+        fx.node.map_arg(args, lambda n: found.append(n) or n)
         return sum(1 for n in found if self.dep[n])
 
     def value_users(self, node: fx.Node) -> list[fx.Node]:
@@ -241,8 +257,13 @@ class Analysis:
             if int(dim) % max(src_val.dim(), 1) == 0:
                 raise refuse(node, "a split along the batch dimension")
             return dict(Lof(deps[0]))
+        if in_set(node, SORTS) and len(deps) == 1 and node.args[0] is deps[0]:
+            return self.sort(node, deps[0], Lof(deps[0]))
         if node.op == "call_function" and node.target is operator.getitem and len(deps) == 1:
             if isinstance(self.env[deps[0]], (tuple, list)) and isinstance(node.args[1], int):
+                return dict(Lof(deps[0]))
+        if node.op == "call_function" and node.target is getattr and len(deps) == 1:
+            if in_set(deps[0], SORTS) and node.args[1] == "values":
                 return dict(Lof(deps[0]))
         if node.op == "call_module":
             raise refuse(node, "a module called with several input-dependent arguments")
@@ -253,6 +274,22 @@ class Analysis:
                 "has no global Lipschitz constant",
             )
         raise refuse(node, "lipgan knows no Lipschitz bound for this operation")
+
+    def sort(self, node: fx.Node, src: fx.Node, L_src: dict[str, float]) -> dict[str, float]:
+        """``torch.sort(x, dim)`` / ``x.sort(dim)``: its values sort each fibre along ``dim``,
+        and sorting never increases ``||x - y||`` (rearrangement inequality), so the constant of
+        the values is that of ``x``. The indices are not continuous: a use of them is refused."""
+        kwargs = self.val(node.kwargs)
+        dim = kwargs.get("dim", self.val(node.args[1]) if len(node.args) > 1 else -1)
+        if int(dim) % max(self.env[src].dim(), 1) == 0:
+            raise refuse(node, "a sort along the batch dimension (it mixes samples)")
+        for u in node.users:
+            values = (u.target is operator.getitem and u.args[1] == 0) or (
+                u.target is getattr and u.args[1] == "values"
+            )
+            if not (u.op == "call_function" and values):
+                raise refuse(node, "its indices are used: they are not a Lipschitz function")
+        return dict(L_src)
 
 
 def _times(base: dict[str, float], pb: dict[str, float]) -> dict[str, float]:

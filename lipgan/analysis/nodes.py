@@ -45,6 +45,7 @@ MAXMIN = {torch.maximum, torch.minimum, torch.max, torch.min, torch.fmax, torch.
 MAXMIN |= {"maximum", "minimum", "fmax", "fmin"}
 SPLITS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split, "chunk", "split"}
 SPLITS |= {"unbind", "tensor_split", "split_with_sizes", "unsafe_chunk", "unsafe_split"}
+SORTS = {torch.sort, "sort"}  # sorted values: 1-Lipschitz along a feature dimension
 MATMUL = {operator.matmul, torch.matmul, torch.mm, F.linear, "matmul", "mm", "__matmul__"}
 SUMMEAN = {torch.sum, torch.mean, "sum", "mean"}
 FCONV = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
