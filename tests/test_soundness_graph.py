@@ -291,3 +291,35 @@ def test_sorts_that_are_not_lipschitz_per_sample_are_refused(forward, why):
 
     with pytest.raises(LipganError, match=rf"'sort = sort\(\.\.\.\).*{why}"):
         L.upper_bounds(Model(), (4,))
+
+
+class PairSort(nn.Module):
+    """MaxMin written as other libraries write it: a group-size check on the shape (control flow
+    plain fx cannot trace), then max and min of each pair along a feature dimension."""
+
+    def forward(self, x):
+        if x.shape[1] % 2:
+            raise ValueError("an even number of channels, please")
+        g = x.view(x.shape[0], x.shape[1] // 2, 2, *x.shape[2:])
+        lo, hi = torch.min(g, 2, keepdim=True)[0], g.max(dim=2, keepdim=True).values
+        return torch.cat([lo, hi], 2).view(x.shape) + 0.5 * g.amax(dim=(1, 2)).unsqueeze(1)
+
+
+def test_shape_control_flow_is_traced_at_the_input_shape_and_bounded_soundly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), PairSort(), nn.Flatten(),
+                          nn.Linear(4 * H * H, 3)).double().eval()  # fmt: skip
+    rep = L.estimate(model, input_shape=(C, H, H), restarts=2, steps=2, lipsdp_iters=40)
+    g = torch.Generator().manual_seed(1)
+    truth = max(jac_norm(model, torch.randn(C, H, H, generator=g, dtype=torch.float64))
+                for _ in range(8))  # fmt: skip
+    for name, up in rep.upper.items():
+        assert up >= truth * (1 - 1e-7), (name, up, truth)
+
+    # control flow on values stays a refusal
+    class ByValue(nn.Module):
+        def forward(self, x):
+            return x if float(x.sum()) > 0 else -x
+
+    with pytest.raises(LipganError, match="cannot trace"):
+        L.upper_bounds(nn.Sequential(nn.Linear(4, 4), ByValue()), (4,))

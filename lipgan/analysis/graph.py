@@ -43,6 +43,7 @@ from lipgan.analysis.nodes import (
     ADD,
     CAT,
     DIV,
+    EXTREMA,
     MATMUL,
     MAXMIN,
     MUL,
@@ -225,6 +226,14 @@ class Analysis:
                     for k in KINDS:
                         out[k] += c * Lof(a)[k] * math.sqrt(ratio(a))
             return out
+        if in_set(node, SORTS | EXTREMA) and len(deps) == 1 and node.args[0] is deps[0]:
+            kwargs = self.val(node.kwargs)
+            dim = kwargs.get("dim", self.val(node.args[1]) if len(node.args) > 1 else None)
+            if dim is None and in_set(node, SORTS):
+                dim = -1
+            dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+            if dims and all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+                return self.sort(node, deps[0], dims, Lof(deps[0]))
         if in_set(node, CAT) or in_set(node, MAXMIN):
             if (
                 in_set(node, MAXMIN)
@@ -257,13 +266,11 @@ class Analysis:
             if int(dim) % max(src_val.dim(), 1) == 0:
                 raise refuse(node, "a split along the batch dimension")
             return dict(Lof(deps[0]))
-        if in_set(node, SORTS) and len(deps) == 1 and node.args[0] is deps[0]:
-            return self.sort(node, deps[0], Lof(deps[0]))
         if node.op == "call_function" and node.target is operator.getitem and len(deps) == 1:
             if isinstance(self.env[deps[0]], (tuple, list)) and isinstance(node.args[1], int):
                 return dict(Lof(deps[0]))
         if node.op == "call_function" and node.target is getattr and len(deps) == 1:
-            if in_set(deps[0], SORTS) and node.args[1] == "values":
+            if in_set(deps[0], SORTS | EXTREMA) and node.args[1] == "values":
                 return dict(Lof(deps[0]))
         if node.op == "call_module":
             raise refuse(node, "a module called with several input-dependent arguments")
@@ -275,14 +282,15 @@ class Analysis:
             )
         raise refuse(node, "lipgan knows no Lipschitz bound for this operation")
 
-    def sort(self, node: fx.Node, src: fx.Node, L_src: dict[str, float]) -> dict[str, float]:
-        """``torch.sort(x, dim)`` / ``x.sort(dim)``: its values sort each fibre along ``dim``,
-        and sorting never increases ``||x - y||`` (rearrangement inequality), so the constant of
-        the values is that of ``x``. The indices are not continuous: a use of them is refused."""
-        kwargs = self.val(node.kwargs)
-        dim = kwargs.get("dim", self.val(node.args[1]) if len(node.args) > 1 else -1)
-        if int(dim) % max(self.env[src].dim(), 1) == 0:
-            raise refuse(node, "a sort along the batch dimension (it mixes samples)")
+    def sort(self, node: fx.Node, src: fx.Node, dims, L_src: dict[str, float]) -> dict[str, float]:
+        """``torch.sort(x, dim)``, ``torch.max(x, dim)``, ``x.amin(dims)``, ...: the values sort
+        (or take the extreme of) each fibre along ``dims``; sorting never increases ``||x - y||``
+        (rearrangement inequality) and ``|max a - max b| <= max |a - b|`` per fibre, so their
+        constant is that of ``x``. Indices are not continuous: a use of them is refused."""
+        if any(int(d) % max(self.env[src].dim(), 1) == 0 for d in dims):
+            raise refuse(node, "a sort or max/min along the batch dimension (it mixes samples)")
+        if not isinstance(self.env[node], tuple):
+            return dict(L_src)  # amax / amin: the values alone
         for u in node.users:
             values = (u.target is operator.getitem and u.args[1] == 0) or (
                 u.target is getattr and u.args[1] == "values"
@@ -312,7 +320,7 @@ def graph_bounds(
     ``opts``: dense_limit, dense_flops, lipsdp, lipsdp_width, lipsdp_iters (passed to
     :func:`lipgan.analysis.chain.chain_bounds` for every path), notes (a list to append to),
     check (run the per-leaf consistency check, default True)."""
-    gm = trace(model)
+    gm = trace(model, tuple(input_shape))
     an = Analysis(gm, tuple(input_shape), opts)
     if x is None:
         g = torch.Generator().manual_seed(0)

@@ -46,6 +46,8 @@ MAXMIN |= {"maximum", "minimum", "fmax", "fmin"}
 SPLITS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split, "chunk", "split"}
 SPLITS |= {"unbind", "tensor_split", "split_with_sizes", "unsafe_chunk", "unsafe_split"}
 SORTS = {torch.sort, "sort"}  # sorted values: 1-Lipschitz along a feature dimension
+# max/min along a dimension: each output is the extreme of one fibre, 1-Lipschitz like a sort
+EXTREMA = {torch.max, torch.min, "max", "min", torch.amax, torch.amin, "amax", "amin"}
 MATMUL = {operator.matmul, torch.matmul, torch.mm, F.linear, "matmul", "mm", "__matmul__"}
 SUMMEAN = {torch.sum, torch.mean, "sum", "mean"}
 FCONV = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}

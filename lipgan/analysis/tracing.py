@@ -2,14 +2,22 @@
 
 Leaves of the trace are the modules lipgan recognises (``isinstance`` of torch's or lipgan's
 classes), modules that declare ``lipschitz_constant``, and torch.nn layers (bounded or refused by
-name); containers and user modules are traced through. A model whose ``forward`` fx cannot trace
-(control flow on tensor values) is a LipganError.
+name); containers and user modules are traced through. A forward with control flow on *shapes*
+(``if x.shape[1] % 2``, ``len(x)``, as sorting activations of other libraries check their group
+size) is traced a second time on a zero input of the analysed shape (torch.fx's ``MetaTracer``):
+shapes are then numbers, and the branch taken at that shape is the graph (so the bounds hold for
+inputs of that shape, which is what lipgan certifies). A forward with control flow on tensor
+*values* cannot be traced either way and is a LipganError.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.meta_tracer import MetaTracer
 
 from lipgan.analysis import leaves as lv
 from lipgan.errors import LipganError
@@ -41,6 +49,20 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+class _ShapeTracer(_Tracer, MetaTracer):
+    """The same leaves, every intermediate computed on a real zero input (so shapes are known):
+    MetaTracer's meta tensors, but real, since leaves and parameters are real tensors."""
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        rv = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+        if kind == "get_attr":  # the parameter itself, not a meta copy of it
+            value = self.root
+            for atom in str(target).split("."):
+                value = getattr(value, atom)
+            rv.install_tensor_meta(value)
+        return rv
+
+
 class _Root(nn.Module):
     """The model as a child, so that a model that is itself a leaf (a Linear, a hooked layer)
     is called, hooks and all, like any other leaf."""
@@ -53,8 +75,24 @@ class _Root(nn.Module):
         return self.model(x)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """The fx graph of ``model.forward`` (LipganError when fx cannot trace it)."""
+def _trace_at_shape(root: nn.Module, input_shape: tuple[int, ...]):
+    """``root`` traced with meta tensors of shape (2, *input_shape) (batch 2, as the analysis
+    evaluates), or None when that fails too."""
+    tracer = _ShapeTracer()
+    meta = torch.zeros(2, *input_shape, dtype=torch.float64)
+    try:
+        with warnings.catch_warnings():  # "could not compute metadata": a failure below
+            warnings.simplefilter("ignore")
+            return tracer, tracer.trace(root, meta_args={"x": meta})
+    except LipganError:
+        raise
+    except Exception:
+        return None
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
+    """The fx graph of ``model.forward`` (LipganError when fx cannot trace it). With
+    ``input_shape`` (no batch), a forward with control flow on shapes is traced at that shape."""
     tracer = _Tracer()
     root = _Root(model)
     try:
@@ -62,6 +100,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except LipganError:
         raise
     except Exception as exc:
+        at_shape = _trace_at_shape(root, tuple(input_shape)) if input_shape else None
+        if at_shape is not None:
+            tracer, graph = at_shape
+            return fx.GraphModule(tracer.root, graph, type(model).__name__)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LipganError(
             f"cannot bound {type(model).__name__}: torch.fx cannot trace its forward ({first}). "
