@@ -51,9 +51,21 @@ class _Tracer(fx.Tracer):
 
 class _ShapeTracer(_Tracer, MetaTracer):
     """The same leaves, every intermediate computed on a real zero input (so shapes are known):
-    MetaTracer's meta tensors, but real, since leaves and parameters are real tensors."""
+    MetaTracer's meta tensors, but real, since leaves and parameters are real tensors. A leaf's
+    value is what it returned in a real run (``outputs``: module id -> outputs in call order);
+    MetaTracer would call it again inside the trace, which recurses for parametrized layers."""
+
+    def __init__(self, outputs: dict[int, list]) -> None:
+        super().__init__()
+        self._outputs = outputs
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        if kind == "call_module":
+            rv = fx.Tracer.create_proxy(self, kind, target, args, kwargs, *rest, **kw)
+            done = self._outputs.get(id(self.root.get_submodule(target)))
+            if done and isinstance(done[0], torch.Tensor):
+                rv.install_tensor_meta(done.pop(0))
+            return rv
         rv = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
         if kind == "get_attr":  # the parameter itself, not a meta copy of it
             value = self.root
@@ -78,8 +90,22 @@ class _Root(nn.Module):
 def _trace_at_shape(root: nn.Module, input_shape: tuple[int, ...]):
     """``root`` traced with meta tensors of shape (2, *input_shape) (batch 2, as the analysis
     evaluates), or None when that fails too."""
-    tracer = _ShapeTracer()
     meta = torch.zeros(2, *input_shape, dtype=torch.float64)
+    outputs: dict[int, list] = {}
+
+    def record(m, args, out):
+        outputs.setdefault(id(m), []).append(out)
+
+    hooks = [m.register_forward_hook(record) for m in root.modules()]
+    try:
+        with torch.no_grad():
+            root(meta)
+    except Exception:
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    tracer = _ShapeTracer(outputs)
     try:
         with warnings.catch_warnings():  # "could not compute metadata": a failure below
             warnings.simplefilter("ignore")
