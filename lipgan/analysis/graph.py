@@ -15,8 +15,9 @@ model input to that node (in L2, per sample):
   (``||[f(x)-f(y); g(x)-g(y)]||^2 <= (L_f^2 + L_g^2) ||x-y||^2``, whatever the branches share);
 - ``chunk``/``split``/``unbind`` and indexing of their results: ``L`` of the input (a coordinate
   restriction has norm <= 1);
-- the values of ``torch.sort`` / ``x.sort`` along a feature dimension: ``L`` of the input (sorting
-  is 1-Lipschitz); a use of the indices is refused.
+- the values of ``torch.sort`` / ``x.sort`` and of ``max``/``min``/``amax``/``amin`` along feature
+  dimensions: ``L`` of the input (a sort, or the extreme of each fibre, is 1-Lipschitz); a use of
+  the indices, or one along the batch dimension, is refused.
 
 Anything else that depends on the input (a product of two activations as in attention, LayerNorm,
 an unknown function, control flow on values that fx cannot trace) raises LipganError naming the
