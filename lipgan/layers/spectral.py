@@ -113,6 +113,17 @@ class SpectralNormParametrization(nn.Module):
         """Let the next training-mode forward advance the power iteration."""
         self._stale = True
 
+    def resume_state(self) -> dict:
+        """What a checkpoint needs beyond ``state_dict()`` to resume bit-exactly: whether the
+        next training-mode forward iterates (a fresh parametrization always does)."""
+        return {"stale": bool(self._stale)}
+
+    def load_resume_state(self, state: dict, weight: torch.Tensor) -> None:
+        """Restore :meth:`resume_state`; ``weight`` is the just-loaded original weight, whose
+        current version counts as seen (loading it is not a training change)."""
+        self._stale = bool(state.get("stale", True))
+        self._seen_version = weight._version
+
     def _learn_input_shape(self, layer: nn.Module, args: tuple) -> None:
         shape = tuple(args[0].shape[-3:])
         if shape != self.input_shape:
