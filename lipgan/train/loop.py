@@ -34,8 +34,9 @@ from lipgan.train.rng import isolated_rng
 
 #: Fields a resumed run keeps: changing one would make it another run (or relabel it).
 IDENTITY_FIELDS = (
-    "method", "model", "width", "z_dim", "dataset", "seed", "constraint", "constraint_options",
-    "generator_constraint", "generator_constraint_options", "loss", "optimizer",
+    "method", "recipe", "model", "generator_norm", "width", "z_dim", "dataset", "seed",
+    "constraint", "constraint_options", "generator_constraint", "generator_constraint_options",
+    "loss", "optimizer",
 )  # fmt: skip
 
 
