@@ -52,7 +52,7 @@ def _cfg(tiny, tmp_path, **kw):
     base = dict(
         dataset=tiny, width=4, batch_size=8, steps=4, out=str(tmp_path / "run"), quiet=True,
         tensorboard=False, fid_every=-1, threads=1, log_every=1, lip_every=2, sample_every=2,
-        checkpoint_every=2, burnin_n_critic=3,
+        checkpoint_every=2, burnin_n_critic=3, measure_budget=1.0,
     )  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
@@ -509,6 +509,6 @@ def test_fid_logged_when_the_extractor_exists(tmp_path):
         pytest.skip("no shipped MNIST extractor")
     cfg = TrainConfig(width=4, batch_size=8, steps=1, out=str(tmp_path / "r"), quiet=True,
                       tensorboard=False, threads=1, fid_n=256, lip_every=0,
-                      layer_every=0)  # fmt: skip
+                      layer_every=0, measure_budget=1.0)  # fmt: skip
     rows = runs.Run(gan.train(cfg)).read_metrics()
     assert rows[-1]["fid"] is not None and rows[-1]["fid"] > 0

@@ -420,11 +420,12 @@ class TrainConfig(Config):
         "tables, FID, samples, checkpoints); a due one that would exceed it is postponed "
         "(1: never postpone)", low=0.0, high=1.0,
     )  # fmt: skip
-    eval_n: int = option(
+    summary_eval_n: int = option(
         0, "after training: score N EMA samples with `lipgan eval`'s metrics, write eval.json "
         "and print a summary (0: summary from the logs only)", low=0, high=MAX_SAMPLES,
     )  # fmt: skip
-    report: bool = option(False, "after training: write RUN/report.html (lipgan.report)")
+    summary_report: bool = option(False, "after training: write RUN/report.html (lipgan.report) "
+                                  "and name it in the summary")  # fmt: skip
     tensorboard: bool = option(True, "write TensorBoard events to RUN/tb")
     quiet: bool = option(False, "no progress bar")
     # robustness and speed
