@@ -280,11 +280,11 @@ class Session:
         for kind, every in (("gradient_norms", cfg.lip_every), ("layers", cfg.layer_every),
                             ("samples", cfg.sample_every)):  # fmt: skip
             if due(every) or (kind == "samples" and end):
-                self.pending.setdefault(kind, step)
+                self._due(kind, step)
         if cfg.fid_every >= 0 and (due(cfg.fid_every) or end):
-            self.pending.setdefault("fid", step)
-        if self.marks and self.wall() >= self.marks[0]:
-            self.pending.setdefault("fid_mark", step)
+            self._due("fid", step)
+        if self.marks and self.wall() >= self.marks[0] and "fid_mark" not in self.pending:
+            self._due("fid_mark", step)
         self._measure(step, row, end)
         if row:
             self._write_row(step, row)
@@ -296,6 +296,14 @@ class Session:
             self._status("running")
         self.progress.set_postfix_str(f"W {self.w_ema:+.4f}", refresh=False)
         self.progress.update(step - self.progress.n)
+
+    def _due(self, kind: str, step: int) -> None:
+        """``kind`` is due at ``step``; one still pending from earlier absorbs it (counted as
+        postponed: the budget dropped that measurement)."""
+        if kind in self.pending:
+            self.budget.postponed["fid" if kind == "fid_mark" else kind] += 1
+        else:
+            self.pending[kind] = step
 
     def _measure(self, step: int, row: dict, end: bool) -> None:
         """Take the pending measurements that fit the budget (the sample grid at the end in any
