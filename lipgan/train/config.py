@@ -413,7 +413,8 @@ class TrainConfig(Config):
     )  # fmt: skip
     fid_at_s: list = option(
         [60.0, 120.0, 300.0, 600.0], "FID (EMA generator, --fid-n samples) when the run's wall "
-        "time passes each of these seconds, e.g. 60,120,300 (empty: none); within the budget",
+        "time passes each of these seconds, e.g. 60,120,300 (empty or --fid-every -1: none); "
+        "within the budget",
     )  # fmt: skip
     measure_budget: float = option(
         0.05, "largest share of the run's wall time for measurements (gradient norms, layer "

@@ -283,7 +283,8 @@ class Session:
                 self._due(kind, step)
         if cfg.fid_every >= 0 and (due(cfg.fid_every) or end):
             self._due("fid", step)
-        if self.marks and self.wall() >= self.marks[0] and "fid_mark" not in self.pending:
+        marks = cfg.fid_every >= 0 and self.marks  # --fid-every -1: no FID at all
+        if marks and self.wall() >= self.marks[0] and "fid_mark" not in self.pending:
             self._due("fid_mark", step)
         self._measure(step, row, end)
         if row:
