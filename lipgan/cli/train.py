@@ -25,6 +25,7 @@ What the logged numbers mean
 Examples
   lipgan train --method wgan-gp --width 32 --steps 2000 --out runs/gp
   lipgan train --method sn --config my.yaml --lr-d 1e-4
+  lipgan train --method sn --recipe fast --width 32 --steps 1200 --summary-eval-n 10000
   lipgan train --resume runs/gp --steps 4000
   lipgan sample runs/gp --n 64 --out grid.png --interpolate
 """
