@@ -348,12 +348,13 @@ class Session:
     @isolated_rng()
     def _probe_fid(self) -> None:
         """The first FID's cost estimate: the whole FID on 256 EMA samples, scaled to ``fid_n``
-        (its fixed costs scaled too: an overestimate, the safe side of the budget). None for
-        ``fid_n <= 256``: that FID is as cheap as its probe."""
+        with a margin (the safe side of the budget). None for ``fid_n <= 256``: that FID is as
+        cheap as its probe."""
         cfg, trainer, n = self.cfg, self.trainer, 256
         if cfg.fid_n <= n or self.fid_error is not None or not metrics.available(cfg.dataset):
             return
-        with self.budget.probe("fid", cfg.fid_n / n):
+        # x1.5: measured under load, the 2000-sample FID took up to 1.4x its scaled probe
+        with self.budget.probe("fid", 1.5 * cfg.fid_n / n):
             z = trainer.sample_z(n, torch.Generator(trainer.device).manual_seed(cfg.seed + 5))
             metrics.fid(trainer.sample(z, ema=True).cpu(), dataset=cfg.dataset, n=n)
 
