@@ -567,11 +567,14 @@ def test_fid_at_wall_time_marks_from_the_ema_generator(tmp_path):
         pytest.skip("no shipped MNIST extractor")
     cfg = TrainConfig(width=4, batch_size=8, steps=3, out=str(tmp_path / "r"), quiet=True,
                       tensorboard=False, threads=1, fid_n=256, lip_every=0, layer_every=0,
-                      fid_every=-1, fid_at_s=[1e-3, 1e-2, 1e6], measure_budget=1.0)  # fmt: skip
+                      fid_every=0, fid_at_s=[1e-3, 1e-2, 1e6], measure_budget=1.0)  # fmt: skip
     rows = runs.Run(gan.train(cfg)).read_metrics()
     marked = [r for r in rows if r["fid"] is not None]
-    # both early marks passed before the first step's end: one FID serves them, labelled 0.01
-    assert [(r["step"], r["fid_mark_s"]) for r in marked] == [(1, 1e-2)]
+    # both early marks passed before the first step's end: one FID serves them, labelled 0.01;
+    # then the end-of-run FID (fid_every 0), no mark
+    assert [(r["step"], r["fid_mark_s"]) for r in marked] == [(1, 1e-2), (3, None)]
+    off = runs.Run(gan.train(cfg.replace(out=str(tmp_path / "off"), fid_every=-1)))
+    assert all(r["fid"] is None for r in off.read_metrics())  # -1: no FID, marks neither
     assert marked[0]["time_s"] >= 1e-2 and marked[0]["cpu_s"] > 0
     import argparse
 
