@@ -654,7 +654,7 @@ def test_finished_run_prints_a_summary_with_eval_and_report(tmp_path, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "FID" in err and "(n 256, ema generator)" in err and "classes covered" in err
-    assert "max ||grad_x D||" in err and "W estimate" in err
+    assert "max ||grad_x D||" in err and "points after training" in err and "W estimate" in err
     assert f"samples: {out / 'samples' / 'last.png'}" in err
     assert f"report:  {out / 'report.html'}" in err and (out / "report.html").is_file()
     assert "measurement took" in err

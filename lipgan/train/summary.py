@@ -55,8 +55,9 @@ def evaluate(path: Path, n: int, dataset: str, device: Any) -> dict:
 
 
 def lines(path: Path, rows: list[dict], status: dict, result: dict | None,
-          report: Path | None) -> list[str]:  # fmt: skip
-    """The summary's lines from the run's metrics rows, status and evaluation (if any)."""
+          report: Path | None, lip: tuple[float, int] | None = None) -> list[str]:  # fmt: skip
+    """The summary's lines from the run's metrics rows, status and evaluation (if any);
+    ``lip``: the largest ``||grad_x D||`` measured after training and at how many points."""
     out = [f"summary of {path} (step {status.get('step')} of {status.get('steps')}, "
            f"{status.get('wall_s', 0):.1f} s wall)"]  # fmt: skip
     if result is not None:
@@ -72,15 +73,18 @@ def lines(path: Path, rows: list[dict], status: dict, result: dict | None,
     if w:
         out.append(f"  W estimate {sum(w) / len(w):+.4f} (mean of the last {len(w)} logged rows)")
     gn = [(v, s) for v, s in (_last(rows, k) for k in _GNORMS if _last(rows, k)) if v]
-    lip = "  critic Lipschitz: "
-    if gn:
+    text = "  critic Lipschitz: "
+    if lip is not None:
+        text += f"max ||grad_x D|| {lip[0]:.3f} at {lip[1]} points after training (a lower "
+        text += "estimate)"
+    elif gn:
         v, s = max(gn)
-        lip += f"max ||grad_x D|| {v:.3f} (a lower estimate, step {s})"
+        text += f"max ||grad_x D|| {v:.3f} (a lower estimate, step {s})"
     else:
-        lip += "no gradient norms logged"
+        text += "no gradient norms logged"
     bound = _last(rows, "product_bound")
-    lip += f"; certified product bound {bound[0]:.4g} (step {bound[1]})" if bound else ""
-    out.append(lip)
+    text += f"; certified product bound {bound[0]:.4g} (step {bound[1]})" if bound else ""
+    out.append(text)
     m = status.get("measurement") or {}
     if m:
         text = f"  measurement {100 * m['measure_share']:.1f} % of the wall time (budget "
@@ -103,9 +107,14 @@ def after_training(session, stream=None) -> dict | None:
 
     cfg, path = session.cfg, session.path
     t0 = time.perf_counter()
-    result = None
+    result = lip = None
     if cfg.summary_eval_n:
-        result = evaluate(path, cfg.summary_eval_n, cfg.dataset, session.trainer.device)
+        trainer = session.trainer
+        result = evaluate(path, cfg.summary_eval_n, cfg.dataset, trainer.device)
+        real = getattr(trainer, "last_real", None)  # None: nothing trained in this session
+        if real is not None:  # at the last real batch, fakes and interpolates (measure_gen)
+            norms = trainer.gradient_norms(real)
+            lip = (max(float(v.max()) for v in norms.values()), sum(len(v) for v in norms.values()))
     report = None
     if cfg.summary_report:
         from lipgan.report import build_report
@@ -116,7 +125,8 @@ def after_training(session, stream=None) -> dict | None:
     if not cfg.quiet:
         folder = RunFolder(path)
         try:
-            text = lines(path, folder.read_metrics(), folder.read_status() or {}, result, report)
+            status = folder.read_status() or {}
+            text = lines(path, folder.read_metrics(), status, result, report, lip)
         finally:
             folder.close()
         for line in text:
