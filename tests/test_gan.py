@@ -424,6 +424,16 @@ def test_cli_train_config_precedence_and_sample(tiny, tmp_path, capsys):
     assert read_png(grid).shape == (2 * 30 + 2, 3 * 30 + 2)
     assert main(["sample", str(out), "--n", "8", "--out", str(grid), "--interpolate"]) == 0
     assert read_png(grid).shape[1] == 3 * 30 + 2  # rows of round(sqrt(8)) = 3 steps
+    # the EMA generator by default, and it says so; --raw samples the last iterate
+    capsys.readouterr()
+    raw = tmp_path / "raw.png"
+    assert main(["sample", str(out), "--n", "6", "--out", str(grid)]) == 0
+    assert "EMA generator" in capsys.readouterr().err
+    assert main(["sample", str(out), "--n", "6", "--out", str(raw), "--raw"]) == 0
+    assert "EMA" not in capsys.readouterr().err
+    assert main(["sample", str(out / "generator_ema.safetensors"), "--n", "6", "--out",
+                 str(tmp_path / "e.png")]) == 0  # fmt: skip
+    assert (tmp_path / "e.png").read_bytes() == grid.read_bytes() != raw.read_bytes()
     assert main(["train", "--method", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown method" in capsys.readouterr().err
 

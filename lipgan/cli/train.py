@@ -59,6 +59,12 @@ def register(sub) -> None:
         help="rows of spherical interpolations between two random latents",
     )
     s.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    s.add_argument(
+        "--raw",
+        action="store_true",
+        help="a run folder's raw generator (the last iterate) instead of its moving average "
+        "generator_ema.safetensors (the default where the run keeps one)",
+    )
     s.set_defaults(func=_sample)
 
 
@@ -120,6 +126,7 @@ def _slerp(a, b, t):
 
 def _sample(args) -> int:
     import math
+    import sys
 
     import torch
 
@@ -133,7 +140,14 @@ def _sample(args) -> int:
     if args.nrow is not None:
         check_range("--nrow", args.nrow, 1, MAX_N)
     device = resolve_device(args.device)
-    g = runs.load_network(args.run, "generator").to(device)
+    source = Path(args.run)
+    ema = source / "generator_ema.safetensors"
+    if source.is_dir() and ema.is_file() and not args.raw:
+        # issue 19: the average samples better (Yazici et al. 2019); say which one this is
+        print(f"lipgan: sampling the EMA generator ({ema}); --raw for the last iterate",
+              file=sys.stderr)  # fmt: skip
+        source = ema
+    g = runs.load_network(source, "generator").to(device)
     z_dim = getattr(g, "z_dim", None)
     if z_dim is None:
         raise LipganError(f"{args.run}: the generator does not say its latent size (z_dim)")
