@@ -161,7 +161,7 @@ class Budget:
             "measure_s": round(self.measure_s, 3),
             "measure_share": round(self.measure_s / wall, 4),
             "outside_train_share": round(1.0 - self.train_s / wall, 4),
-            "seconds": {k: round(v, 3) for k, v in self.spent.items() if self.count[k]},
+            "seconds": {k: round(v, 3) for k, v in self.spent.items() if v},  # probes too
             "count": {k: v for k, v in self.count.items() if v},
             "postponed": {k: v for k, v in self.postponed.items() if v},
             "skipped": {k: v for k, v in self.skipped.items() if v},

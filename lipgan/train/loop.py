@@ -312,6 +312,7 @@ class Session:
         budget, wall = self.budget, self.wall()
         if ("fid" in self.pending or "fid_mark" in self.pending) and "fid" not in budget.cost:
             self._probe_fid()
+        skipped: set[str] = set()
         for kind in ("samples", "fid", "fid_mark", "gradient_norms", "layers"):
             if kind not in self.pending:
                 continue
@@ -321,8 +322,10 @@ class Session:
                 if self.pending[kind] == step:  # first due now: count the decision once
                     budget.postponed[clock] += 1
                 if end:
-                    budget.skipped[clock] += 1
                     del self.pending[kind]
+                    if not (kind == "fid_mark" and "fid" in skipped):  # one FID, counted once
+                        budget.skipped[clock] += 1
+                    skipped.add(kind)
                 continue
             del self.pending[kind]
             if kind in ("fid", "fid_mark") and "fid" in row:
