@@ -675,3 +675,21 @@ def test_finished_run_prints_a_summary_with_eval_and_report(tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--summary-eval-n", "0"]) == 0
     again = capsys.readouterr().err
     assert "summary of" in again and "FID" in again
+
+
+def test_an_old_folder_without_cpu_s_resumes_with_its_rows_and_reports(tmp_path):
+    import shutil
+
+    from lipgan import report
+
+    run = tmp_path / "sn"
+    shutil.copytree(Path(__file__).parent / "data" / "v0.1.0" / "sn", run)
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "cpu_s" not in header  # written by lipgan 0.1.0
+    assert report.load_run(run).metrics  # reads as it is
+    cfg = {**runs.Run(run).read_config(), "steps": 4, "quiet": True, "out": str(run)}
+    gan.train(TrainConfig.from_dict(cfg), resume=True)
+    rows = runs.Run(run).read_metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the old rows kept
+    assert [r["cpu_s"] is None for r in rows] == [True, True, False, False]
+    assert report.load_run(run).metrics["cpu_s"] is not None
