@@ -21,6 +21,9 @@ What the logged numbers mean
   if the critic is 1-Lipschitz: compare its trend within a run, not values across methods.
   gnorm_* are measured ||grad_x D(x)|| at real, fake and interpolated points: the critic's
   local Lipschitz constant (1 is the target). See docs/wgan.md.
+  time_s / cpu_s: wall and CPU seconds of the run (summed over resumes). Measurements
+  (gradient norms, layer tables, FID, grids, checkpoints) keep within --measure-budget of
+  the wall time (default 5 %; postponed, or skipped at the end); status.json says the share.
 
 Examples
   lipgan train --method wgan-gp --width 32 --steps 2000 --out runs/gp
