@@ -677,6 +677,12 @@ def test_finished_run_prints_a_summary_with_eval_and_report(tmp_path, capsys):
     assert "summary of" in again and "FID" in again
 
 
+def test_resuming_a_missing_folder_creates_nothing(tiny, tmp_path):
+    with pytest.raises(LipganError, match="no such run folder"):
+        gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "nope")), resume=True)
+    assert not (tmp_path / "nope").exists()
+
+
 def test_an_old_folder_without_cpu_s_resumes_with_its_rows_and_reports(tmp_path):
     import shutil
 

@@ -190,6 +190,8 @@ class Session:
         trainer (state loaded), the wall time of earlier segments and the measurement budget."""
         state = None
         if resume:
+            if not run.path.is_dir():  # before the lock, which would create the folder
+                raise LipganError(f"{run.path}: no such run folder to resume")
             run.lock()  # one writer: taken before anything is read
             if not run.config_path.is_file() and not run.last_checkpoint.is_file():
                 raise LipganError(f"{run.path}: no checkpoints/last.pt to resume from")
