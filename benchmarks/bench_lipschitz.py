@@ -10,15 +10,18 @@ Run: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_lipschitz.py [--threads
    chain walker took at width 64 before issue 17 (issue 17, finding 9: measured by the peer
    review at commit 0fcca42; not re-run here, it takes minutes). ``--dense-ref`` adds the plain
    PyTorch reference: each layer's dense matrix from its own forward on the identity basis and
-   its exact norm (eigvalsh of the smaller Gram matrix), where a side is <= 4096.
+   its exact norm (eigvalsh of the smaller Gram matrix; A^T by a VJP when the output is smaller),
+   where the smaller side is <= 6272 (the whole width-64 critic: ~330 CPU s).
 2. 784-256-10 ReLU MLP trained here on MNIST (``--epochs 3``, seed 0; ``--epochs 0``: fixed-seed
    random weights): operator product, merged segments, lipgan's deterministic first-order
    LipSDP-Neuron (iteration counts, no clock) against a *certified lower bound* on the SDP
    optimum from the dual side (``lipsdp.lipsdp_dual_ascent``: Burer-Monteiro ascent on the dual,
    every iterate a valid bound by weak duality), so ``first-order / dual`` bounds the true ratio
    to LipSDP from above (issue 17's target: within 1.05x in < 5 s). ``--cvxpy`` also solves the
-   SDP with cvxpy (``--solver``, default CLARABEL; at 784-256 cvxpy's canonicalization asks for
-   about 138 GB and SCS took 1822 s before, so this is for small nets).
+   SDP with cvxpy (``--solver``, default CLARABEL; at 784-256 Clarabel asked for 138 GB and SCS
+   took 1822 s before, so this is for small nets).
+3. ``--one-thread``: the critic analysis inside ``lipgan.analysis.convmap.one_thread()`` (the
+   conv's large Cholesky still gets the threads), what a 2nd thread costs the small linear algebra.
 """
 
 from __future__ import annotations
