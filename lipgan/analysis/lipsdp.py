@@ -260,9 +260,10 @@ def lipsdp_dual_bound(
     (``u_i``, ``v_i`` the i-th rows of ``W0 F1`` and ``F2``: the coefficient of ``t_i`` in the
     Lagrangian) gives ``rho* >= ||W1 F2||_F^2``. The rows of F2 are first projected onto those
     constraints (``v_i`` into the ball of centre ``(a+b)/2 u_i``, radius ``(b-a)/2 |u_i|``) and F
-    is normalized, so any F (e.g. from a solver's dual) yields a valid bound; rounding is covered
-    by a 1e-9 relative margin. Shapes: W0 (h, n), W1 (o, h), F1 (n, k), F2 (h, k). Returns
-    ``sqrt(rho_lower)``, a lower bound on the LipSDP value ``sqrt(rho*)``.
+    is normalized, so any F (e.g. from a solver's dual) yields a valid bound; the rounding of
+    ``W0 F1`` shrinks each ball (``gamma_n |W0| |F1|``), that of the rest a 1e-9 relative margin.
+    Shapes: W0 (h, n), W1 (o, h), F1 (n, k), F2 (h, k). Returns ``sqrt(rho_lower)``, a lower
+    bound on the LipSDP value ``sqrt(rho*)``.
     """
     W0, W1 = W0.detach().double(), W1.detach().double()
     F1, F2 = F1.detach().double(), F2.detach().double()
@@ -279,12 +280,26 @@ def _dual_value(W0, W1, F1, F2, slope) -> torch.Tensor:
     scale = F1.norm()
     F1, F2 = F1 / scale, F2 / scale
     U = W0 @ F1
+    # |fl(W0 F1) - W0 F1| <= gamma_n |W0| |F1| (Higham, Thm 3.5): the row error e_i moves the
+    # exact centre by |a+b|/2 e_i and the radius by |b-a|/2 e_i, so shrink the radius by both
+    n = W0.shape[1]
+    gam = 1.01 * n * 2.0**-53 / (1 - n * 2.0**-53)
+    with torch.no_grad():
+        err = gam * (W0.abs() @ F1.abs()).norm(dim=1, keepdim=True)
     centre = 0.5 * (a + b) * U
     radius = 0.5 * (b - a) * U.norm(dim=1, keepdim=True) * (1 - 1e-9)
+    radius = radius - 0.5 * (abs(a + b) + abs(b - a)) * err
     off = F2 - centre
     dist = off.norm(dim=1, keepdim=True)
-    shrink = torch.where(dist > radius, radius / dist.clamp_min(1e-300), torch.ones_like(dist))
-    return (W1 @ (centre + off * shrink)).square().sum()
+    shrink = torch.where(
+        dist > radius, radius.clamp_min(0) / dist.clamp_min(1e-300), torch.ones_like(dist)
+    )
+    V = centre + off * shrink
+    if a <= 0 <= b:  # v_i = 0 is always feasible: use it where rounding leaves no room
+        V = torch.where(radius > 0, V, torch.zeros_like(V))
+    elif bool((radius <= 0).any()):
+        raise LipganError("lipsdp_dual_bound: F1 too close to the null space of W0 for a proof")
+    return (W1 @ V).square().sum()
 
 
 def lipsdp_dual_ascent(
