@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, TypedDict
 import torch
 from torch import nn
 
+from lipgan.analysis.convmap import one_thread
 from lipgan.analysis.graph import graph_bounds, trace
 from lipgan.analysis.leaves import Leaf
 from lipgan.analysis.lower import lower_bounds
@@ -133,8 +134,11 @@ def _row(leaf: Leaf) -> dict:
 
 
 def _bounds(m: nn.Module, original: nn.Module, shape, **opts):
-    _probe(m, original, shape)
-    return graph_bounds(m, shape, **opts)
+    # Small linear algebra on one thread (a second thread only spins on it; the large Cholesky
+    # certificates take the caller's threads back inside, see convmap.outer_threads).
+    with one_thread():
+        _probe(m, original, shape)
+        return graph_bounds(m, shape, **opts)
 
 
 def layer_table(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[dict]:
