@@ -3,6 +3,13 @@ import os
 import pytest
 from hypothesis import settings
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core (pytest-xdist): one torch thread each, so the
+    # two workers do not oversubscribe the two cores (subprocesses a test starts keep the default).
+    import torch
+
+    torch.set_num_threads(1)
+
 # CI runs a fixed sequence of examples (a landing must not hang on a lucky draw); local runs
 # keep exploring new ones.
 settings.register_profile("ci", derandomize=True, print_blob=True)
