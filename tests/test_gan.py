@@ -619,12 +619,17 @@ def test_lazy_penalty_every_k_critic_steps_with_weight_k(tiny):
 def test_fast_recipe_is_named_recorded_and_resumes_bit_exactly(tiny, tmp_path):
     fast = gan.resolve(TrainConfig(method="sn", recipe="fast"))
     assert (fast.loss, fast.n_critic, fast.lr_d, fast.lr_g, fast.beta1, fast.beta2) == (
-        "hinge", 1, 4e-4, 1e-4, 0.0, 0.9)  # fmt: skip
+        "hinge", 1, 4e-4, 2e-4, 0.0, 0.9)  # fmt: skip
     assert fast.generator_norm == "batch" and fast.constraint == "spectral-norm"
+    assert (fast.batch_size, fast.ema_rampup, fast.ema) == (32, 0.02, 10_000.0)
     paper = gan.resolve(TrainConfig(method="sn"))
     assert (paper.recipe, paper.loss, paper.n_critic, paper.generator_norm) == (
         "paper", "wasserstein", 5, "none")  # fmt: skip
-    assert gan.resolve(TrainConfig(method="sn", recipe="fast", lr_d=1e-3)).lr_d == 1e-3
+    assert (paper.batch_size, paper.ema_rampup) == (64, 0.05)
+    # the user's value wins over the recipe's, also where the field has a fallback
+    mine = gan.resolve(TrainConfig(method="sn", recipe="fast", lr_d=1e-3, batch_size=64,
+                                   ema_rampup=0.0))  # fmt: skip
+    assert (mine.lr_d, mine.batch_size, mine.ema_rampup) == (1e-3, 64, 0.0)
     with pytest.raises(LipganError, match="no fast recipe"):
         gan.resolve(TrainConfig(method="wgan-clip", recipe="fast"))
     with pytest.raises(LipganError, match="no norm option"):

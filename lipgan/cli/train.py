@@ -28,7 +28,7 @@ What the logged numbers mean
 Examples
   lipgan train --method wgan-gp --width 32 --steps 2000 --out runs/gp
   lipgan train --method sn --config my.yaml --lr-d 1e-4
-  lipgan train --method sn --recipe fast --width 32 --steps 1200 --summary-eval-n 10000
+  lipgan train --method sn --recipe fast --width 32 --steps 3000 --summary-eval-n 10000
   lipgan train --resume runs/gp --steps 4000
   lipgan sample runs/gp --n 64 --out grid.png --interpolate
 """
@@ -107,8 +107,10 @@ def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
 
 def _train(args) -> int:
     from lipgan.train import distributed, launch, loop
+    from lipgan.train.presets import resolve
 
-    cfg = config_from_args(args)
+    # resolved here, once, so every process of a data-parallel run starts from the same values
+    cfg = resolve(config_from_args(args))
     path = launch.maybe_run(cfg, args.nproc, resume=bool(args.resume))
     if path is None:
         path = loop.train(cfg, resume=bool(args.resume))

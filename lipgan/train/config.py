@@ -333,7 +333,10 @@ class TrainConfig(Config):
         0.0, "stop when the run has trained this many seconds (summed over resumes) and end it as "
         "at --steps; 0: no limit (`lipgan compare --budget` uses it)", low=0.0,
     )  # fmt: skip
-    batch_size: int = option(64, "samples per batch (real and fake each)", low=1, high=MAX_BATCH)
+    batch_size: int | None = option(
+        None, "samples per batch (real and fake each; default the recipe's, else 64)",
+        low=1, high=MAX_BATCH,
+    )  # fmt: skip
     seed: int = option(0, "seed of every random stream (weights, batches, noise)",
                        low=0, high=MAX_SEED)  # fmt: skip
     device: str = option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
@@ -406,10 +409,10 @@ class TrainConfig(Config):
         "generator_ema.safetensors (0: none); ramped up over the first --ema-rampup of training",
         low=0.0, high=1e12,
     )  # fmt: skip
-    ema_rampup: float = option(
-        0.05, "EMA ramp (StyleGAN2-ADA): half-life min(ema, ema_rampup * images seen); 0: no ramp "
-        "(docs/recipes.md: in short runs the ramp, not the half-life, sets the average)",
-        low=0.0, high=1.0,
+    ema_rampup: float | None = option(
+        None, "EMA ramp (StyleGAN2-ADA): half-life min(ema, ema_rampup * images seen); 0: no ramp "
+        "(default the recipe's, else 0.05; docs/recipes.md: in short runs the ramp, not the "
+        "half-life, sets the average)", low=0.0, high=1.0,
     )  # fmt: skip
     fid_at_s: list = option(
         [60.0, 120.0, 300.0, 600.0], "FID (EMA generator, --fid-n samples) when the run's wall "
