@@ -63,12 +63,7 @@ def train(
     ``checkpoints/last.pt`` before changing anything in the folder.
     """
     session = Session(cfg, resume=resume, constraint=constraint, stream=stream)
-    try:
-        session.run()
-    except BaseException:
-        session.close()
-        raise
-    path = session.finish()
+    path = session.run_to_end()
     if session.trainer.step >= session.cfg.steps or session.ended:
         from lipgan.train import summary
 
@@ -442,6 +437,15 @@ class Session:
             self._closed = True
             self.progress.close()
             self.run_dir.close()
+
+    def run_to_end(self) -> Path:
+        """:meth:`run` to ``cfg.steps``, then :meth:`finish`; closed (resumable) on any error."""
+        try:
+            self.run()
+        except BaseException:
+            self.close()
+            raise
+        return self.finish()
 
     def finish(self) -> Path:
         """Mark the run done when it reached ``cfg.steps`` or its time limit, then close it
