@@ -306,17 +306,19 @@ def test_new_run_refuses_existing_folder(tiny, tmp_path):
 
 @pytest.mark.parametrize("method", ["wgan-gp", "sn", "snr"])
 def test_resume_is_bit_identical(tiny, tmp_path, method):
-    kw = dict(method=method, lip_every=3, checkpoint_every=5)
-    a = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "a"), steps=8, **kw))
+    # two critic steps (not the presets' 5) are enough to carry the data stream across the cut;
+    # gradient norms at step 4 are the first measurement after the resume
+    kw = dict(method=method, lip_every=2, checkpoint_every=3, n_critic=2)
+    a = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "a"), steps=6, **kw))
     b = str(tmp_path / "b")
-    gan.train(_cfg(tiny, tmp_path, out=b, steps=5, **kw))
-    gan.train(_cfg(tiny, tmp_path, out=b, steps=8, **kw), resume=True)
+    gan.train(_cfg(tiny, tmp_path, out=b, steps=3, **kw))
+    gan.train(_cfg(tiny, tmp_path, out=b, steps=6, **kw), resume=True)
     sa = torch.load(Path(a) / "checkpoints/last.pt", weights_only=True)
     sb = torch.load(Path(b) / "checkpoints/last.pt", weights_only=True)
     for net in ("generator", "critic"):
         for k, v in sa[net].items():
             assert torch.equal(v, sb[net][k]), (net, k)
-    assert [r["step"] for r in runs.Run(b).read_metrics()] == list(range(1, 9))
+    assert [r["step"] for r in runs.Run(b).read_metrics()] == list(range(1, 7))
 
 
 def test_measurements_do_not_change_training(tiny, tmp_path):
@@ -677,7 +679,8 @@ def test_finished_run_prints_a_summary_with_eval_and_report(tmp_path, capsys):
     m = runs.Run(out).read_status()["measurement"]
     assert m["eval_after_training_s"] > 0
     # resuming the finished run prints the summary again, training nothing
-    assert main(["train", "--resume", str(out), "--summary-eval-n", "0"]) == 0
+    argv = ["train", "--resume", str(out), "--summary-eval-n", "0", "--no-summary-report"]
+    assert main(argv) == 0
     again = capsys.readouterr().err
     assert "summary of" in again and "FID" in again
 
