@@ -325,8 +325,8 @@ class SampleConfig(Config):
     )
     device: str = option("cpu", "cpu, cuda or auto")
     raw: bool = option(
-        False, "a run folder's raw generator (the last iterate) instead of its moving average "
-        "generator_ema.safetensors (the default where the run keeps one)",
+        False, "sample a run folder's raw generator (the last iterate); without it, its moving "
+        "average generator_ema.safetensors where the run keeps one",
     )  # fmt: skip
 
 
