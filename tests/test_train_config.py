@@ -108,29 +108,47 @@ def test_out_of_range_values_are_refused_when_the_config_is_made(field, value, w
     assert words in _one_line(exc)
 
 
-@pytest.mark.parametrize(
-    "flags, words",
-    [
-        (["--lr-d", "nan"], "lr_d must be a finite number"),
-        (["--lr-d", "-1"], "lr_d must be above 0"),
-        (["--beta1", "2"], "beta1 must be below 1"),
-        (["--weight-decay", "-1"], "weight_decay must be at least 0"),
-        (["--nan-lr-factor", "0"], "nan_lr_factor must be above 0"),
-        (["--batch-size", "1e8"], "batch_size must be at most"),
-        (["--width", "10000000"], "width must be at most"),
-        (["--seed", "99999999999999999999999"], "seed must be at most"),
-        (["--steps", "1.5"], "steps must be an integer"),
-        (["--constraint-option", "lam=-1"], "lam must be positive"),
-        (["--method", "no-such"], "unknown method 'no-such'"),
-    ],
-)
-def test_cli_refuses_bad_values_before_the_run_folder_exists(tmp_path, capsys, flags, words):
-    out = tmp_path / "run"
-    argv = ["train", "--width", "4", "--steps", "2", "--quiet", "--out", str(out), *flags]
-    assert cli.main(argv) == 2
+#: "command flags" -> what the one-line error says: each bad value named by its flag.
+BAD_FLAGS = {
+    "train --lr-d nan": "--lr-d must be a finite number",
+    "train --lr-d -1": "--lr-d must be above 0",
+    "train --beta1 2": "--beta1 must be below 1",
+    "train --weight-decay -1": "--weight-decay must be at least 0",
+    "train --nan-lr-factor 0": "--nan-lr-factor must be above 0",
+    "train --batch-size 1e8": "--batch-size must be at most",
+    "train --width 10000000": "--width must be at most",
+    "train --seed 99999999999999999999999": "--seed must be at most",
+    "train --steps 1.5": "--steps must be an integer",
+    "train --constraint-option lam=-1": "lam must be positive",
+    "train --method no-such": "unknown method 'no-such'",
+    "sample --n 0": "--n must be at least 1",
+    "sample --n 1e9": "--n must be at most 200000",
+    "sample --n 2.5": "--n must be an integer",
+    "sample --seed -1": "--seed must be at least 0",
+    "sample --nrow 0": "--nrow must be at least 1",
+}
+
+
+@pytest.mark.parametrize("line", BAD_FLAGS)
+def test_cli_refuses_bad_values_before_anything_is_written(tmp_path, capsys, line):
+    command, *flags = line.split()
+    out = tmp_path / "out"  # the run folder (train) or the grid (sample)
+    head = {"train": ["--width", "4", "--steps", "2", "--quiet", "--out", str(out)],
+            "sample": [str(tmp_path / "no-run"), "--out", str(out)]}[command]  # fmt: skip
+    assert cli.main([command, *head, *flags]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("lipgan: error: ") and words in err and "\n" not in err
+    assert err.startswith("lipgan: error: ") and BAD_FLAGS[line] in err and "\n" not in err
     assert not out.exists()
+
+
+def test_sample_flags_come_from_sample_config():
+    from lipgan.train.config import SampleConfig
+
+    bare = cli.build_parser().parse_args(["sample", "r"])
+    assert K.given_flags(bare, SampleConfig) == {}  # unset flags: the dataclass's defaults
+    args = cli.build_parser().parse_args(["sample", "r", "--n", "6", "--raw", "--interpolate"])
+    cfg = K.from_args(args, SampleConfig)
+    assert (cfg.n, cfg.raw, cfg.interpolate, cfg.out, cfg.seed) == (6, True, True, "grid.png", 0)
 
 
 def test_yaml_config_through_the_cli(tmp_path):
@@ -165,6 +183,6 @@ def test_add_flags_makes_one_flag_per_field_and_from_args_reads_back_only_given_
     assert K.given_flags(args, Toy) == {"rate": 0.01, "fast": True, "extra": {"a": 1}}
     toy = K.from_args(args, Toy, base={"n": 5})
     assert (toy.n, toy.rate, toy.fast, toy.extra, toy.hidden) == (5, 0.01, True, {"a": 1}, "x")
-    with pytest.raises(LipganError, match="n must be at least 1"):
+    with pytest.raises(LipganError, match="^--n must be at least 1"):  # named by its flag
         K.from_args(p.parse_args(["--n", "0"]), Toy)
     assert Toy().extra is not Toy().extra  # mutable defaults are per instance

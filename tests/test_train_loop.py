@@ -123,9 +123,12 @@ def _cli(tiny, out, *flags) -> list[str]:
             "--out", str(out), *flags]  # fmt: skip
 
 
-@pytest.fixture()
-def two_runs(tiny, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+@pytest.fixture(scope="module")
+def two_runs(tiny, tmp_path_factory):
+    """Two finished 2-step runs, shared by the tests that check a refused resume leaves them
+    untouched (each compares the folders' checksums before and after)."""
+    root = tmp_path_factory.mktemp("two-runs")
+    a, b = root / "a", root / "b"
     assert cli.main(_cli(tiny, a, "--steps", "2")) == 0
     assert cli.main(_cli(tiny, b, "--steps", "2", "--seed", "9", "--lr-d", "3e-4")) == 0
     return a, b
@@ -154,12 +157,62 @@ def test_resume_refuses_to_change_what_the_run_is(two_runs, capsys, flags, words
 # --------------------------------------------------------------------------- signals
 
 
+def _signal_argv(tiny, out) -> list[str]:
+    return _cli(tiny, out, "--steps", "100000", "--checkpoint-every", "100000",
+                "--keep-every", "0", "--log-every", "1", "--lip-every", "0")  # fmt: skip
+
+
+def _check_interrupted_and_resume(out, err: str) -> int:
+    """The run ``out`` stopped by a signal: marked resumable, its steps kept; it resumes."""
+    assert err.strip().splitlines()[-1] == "lipgan: interrupted"
+    status = runs.Run(out).read_status()
+    assert (status["state"], status["reason"]) == ("failed", "interrupted")
+    state = runs.load_checkpoint(runs.Run(out).last_checkpoint)
+    assert state["step"] == status["step"] >= 2  # the steps before the signal are kept
+    step = state["step"]
+    assert cli.main(["train", "--resume", str(out), "--steps", str(step + 1), "--quiet"]) == 0
+    assert runs.Run(out).read_status()["state"] == "done"
+    return step
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_checkpoints_the_step_and_leaves_the_run_resumable(tiny, tmp_path, sig):
+def test_a_signal_checkpoints_the_step_and_leaves_the_run_resumable(
+    tiny, tmp_path, monkeypatch, capsys, sig
+):
+    """The signal arrives in the middle of generator step 3 (sent to this process by the step
+    itself): the step finishes, is checkpointed, and the command exits 130."""
+    from lipgan.train.gan import GANTrainer
+
+    out, real_step = tmp_path / "sig", GANTrainer.train_step
+
+    def step_then_signal(self):
+        result = real_step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), sig)  # handled here, in the main thread, before the return
+        return result
+
+    def unhandled(signum, frame):  # what the signal does when the run has no handler of its own
+        raise AssertionError(f"signal {signum} reached the handler installed before the run")
+
+    monkeypatch.setattr(GANTrainer, "train_step", step_then_signal)
+    before = signal.signal(sig, unhandled)
+    try:
+        assert cli.main(_signal_argv(tiny, out)) == 130
+        assert signal.getsignal(sig) is unhandled  # the run gave the handler back
+    finally:
+        signal.signal(sig, before)
+    monkeypatch.undo()
+    assert _check_interrupted_and_resume(out, capsys.readouterr().err) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_from_another_process_checkpoints_and_leaves_the_run_resumable(
+    tiny, tmp_path, sig
+):
     out = tmp_path / "sig"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    argv = _cli(tiny, out, "--steps", "100000", "--checkpoint-every", "100000",
-                "--keep-every", "0", "--log-every", "1", "--lip-every", "0")  # fmt: skip
+    argv = _signal_argv(tiny, out)
     proc = subprocess.Popen([sys.executable, "-m", "lipgan", *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -176,15 +229,7 @@ def test_a_signal_checkpoints_the_step_and_leaves_the_run_resumable(tiny, tmp_pa
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == "lipgan: interrupted"
-    status = runs.Run(out).read_status()
-    assert (status["state"], status["reason"]) == ("failed", "interrupted")
-    state = runs.load_checkpoint(runs.Run(out).last_checkpoint)
-    assert state["step"] == status["step"] >= 2  # the steps before the signal are kept
-    # and it resumes from there
-    step = state["step"]
-    assert cli.main(["train", "--resume", str(out), "--steps", str(step + 1), "--quiet"]) == 0
-    assert runs.Run(out).read_status()["state"] == "done"
+    _check_interrupted_and_resume(out, err)
 
 
 # --------------------------------------------------------------------------- older run folders

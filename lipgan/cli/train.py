@@ -28,14 +28,14 @@ What the logged numbers mean
 Examples
   lipgan train --method wgan-gp --width 32 --steps 2000 --out runs/gp
   lipgan train --method sn --config my.yaml --lr-d 1e-4
-  lipgan train --method sn --recipe fast --width 32 --steps 1200 --summary-eval-n 10000
+  lipgan train --method sn --recipe fast --width 32 --steps 3000 --summary-eval-n 10000
   lipgan train --resume runs/gp --steps 4000
   lipgan sample runs/gp --n 64 --out grid.png --interpolate
 """
 
 
 def register(sub) -> None:
-    from lipgan.train.config import TrainConfig, add_flags
+    from lipgan.train.config import SampleConfig, TrainConfig, add_flags
 
     p = sub.add_parser(
         "train",
@@ -52,22 +52,7 @@ def register(sub) -> None:
 
     s = sub.add_parser("sample", help="sample grid (or interpolations) from a trained generator")
     s.add_argument("run", help="run folder or generator.safetensors")
-    s.add_argument("--n", type=int, default=64, help="number of images (default 64)")
-    s.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the latent draws")
-    s.add_argument("--nrow", type=int, default=None, help="images per row")
-    s.add_argument(
-        "--interpolate",
-        action="store_true",
-        help="rows of spherical interpolations between two random latents",
-    )
-    s.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    s.add_argument(
-        "--raw",
-        action="store_true",
-        help="a run folder's raw generator (the last iterate) instead of its moving average "
-        "generator_ema.safetensors (the default where the run keeps one)",
-    )
+    add_flags(s, SampleConfig)
     s.set_defaults(func=_sample)
 
 
@@ -76,9 +61,9 @@ def config_from_args(args: argparse.Namespace):
     dataclass defaults) < ``--config FILE.yaml`` < flags. Checked here, before anything runs."""
     from lipgan.errors import LipganError
     from lipgan.runs import Run
-    from lipgan.train.config import TrainConfig, given_flags, load_yaml
+    from lipgan.train.config import TrainConfig, check_flags, given_flags, load_yaml
 
-    flags = given_flags(args, TrainConfig)
+    flags = check_flags(given_flags(args, TrainConfig), TrainConfig)
     base: dict = {}
     if args.resume:
         if "out" in flags and str(Path(flags["out"])) != str(Path(args.resume)):
@@ -107,8 +92,10 @@ def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
 
 def _train(args) -> int:
     from lipgan.train import distributed, launch, loop
+    from lipgan.train.presets import resolve
 
-    cfg = config_from_args(args)
+    # resolved here, once, so every process of a data-parallel run starts from the same values
+    cfg = resolve(config_from_args(args))
     path = launch.maybe_run(cfg, args.nproc, resume=bool(args.resume))
     if path is None:
         path = loop.train(cfg, resume=bool(args.resume))
@@ -135,17 +122,14 @@ def _sample(args) -> int:
 
     from lipgan import image, runs
     from lipgan.errors import LipganError
-    from lipgan.metrics.sampling import MAX_N, MAX_SEED, check_range
+    from lipgan.train.config import SampleConfig, from_args
     from lipgan.train.device import resolve_device
 
-    check_range("--n", args.n, 1, MAX_N)
-    check_range("--seed", args.seed, 0, MAX_SEED)
-    if args.nrow is not None:
-        check_range("--nrow", args.nrow, 1, MAX_N)
-    device = resolve_device(args.device)
+    cfg = from_args(args, SampleConfig)  # typed and range-checked before any work
+    device = resolve_device(cfg.device)
     source = Path(args.run)
     ema = source / "generator_ema.safetensors"
-    if source.is_dir() and ema.is_file() and not args.raw:
+    if source.is_dir() and ema.is_file() and not cfg.raw:
         # issue 19: the average samples better (Yazici et al. 2019); say which one this is
         print(f"lipgan: sampling the EMA generator ({ema}); --raw for the last iterate",
               file=sys.stderr)  # fmt: skip
@@ -154,19 +138,19 @@ def _sample(args) -> int:
     z_dim = getattr(g, "z_dim", None)
     if z_dim is None:
         raise LipganError(f"{args.run}: the generator does not say its latent size (z_dim)")
-    gen = torch.Generator().manual_seed(args.seed)
-    if args.interpolate:
-        cols = args.nrow or max(2, int(round(math.sqrt(args.n))))
-        rows = max(1, math.ceil(args.n / cols))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.interpolate:
+        cols = cfg.nrow or max(2, int(round(math.sqrt(cfg.n))))
+        rows = max(1, math.ceil(cfg.n / cols))
         a, b = torch.randn(2, rows, 1, z_dim, generator=gen)
         t = torch.linspace(0, 1, cols).view(1, cols, 1)
-        z = _slerp(a, b, t).reshape(rows * cols, z_dim)[: args.n]
+        z = _slerp(a, b, t).reshape(rows * cols, z_dim)[: cfg.n]
         nrow = cols
     else:
-        z = torch.randn(args.n, z_dim, generator=gen)
-        nrow = args.nrow
+        z = torch.randn(cfg.n, z_dim, generator=gen)
+        nrow = cfg.nrow
     with torch.no_grad():
         x = torch.cat([g(c.to(device)).float().cpu() for c in z.split(256)])
-    path = image.save_grid(args.out, x, nrow=nrow)
+    path = image.save_grid(cfg.out, x, nrow=nrow)
     print(path)
     return 0

@@ -70,14 +70,12 @@ class Budget:
 
     @contextlib.contextmanager
     def measuring(self, kind: str) -> Iterator[None]:
-        t = time.perf_counter()
+        """Time one measurement of ``kind``: its seconds spent and its next cost estimate."""
         try:
-            yield
+            with self.probe(kind, 1.0):
+                yield
         finally:
-            dt = time.perf_counter() - t
-            self.spent[kind] += dt
             self.count[kind] += 1
-            self.cost[kind] = dt
 
     @contextlib.contextmanager
     def probe(self, kind: str, scale: float) -> Iterator[None]:

@@ -11,8 +11,9 @@ range, finite), so a bad value is a one-line :class:`LipganError` before anythin
 - ``X | None`` fields also take ``None`` (for :class:`TrainConfig`: "the method preset's value").
 
 :func:`add_flags` makes one ``--flag`` per field of any such dataclass and :func:`from_args`
-reads them back, so every command's flags come from its dataclass (``--lr-d`` sets ``lr_d``;
-a ``dict`` field becomes a repeatable ``--NAME-option KEY=VALUE``). :func:`load_yaml` reads YAML
+reads them back (a bad value's message names its flag: ``--lr-d must be above 0``), so every
+command's flags come from its dataclass (``--lr-d`` sets ``lr_d``; a ``dict`` field becomes a
+repeatable ``--NAME-option KEY=VALUE``). :func:`load_yaml` reads YAML
 with YAML 1.2's numbers (``1e-4`` is a float) and refuses duplicate keys.
 
 This module imports no torch, so a command's parser stays cheap to build.
@@ -292,9 +293,41 @@ def given_flags(args: argparse.Namespace, cls: type[Config]) -> dict:
     return out
 
 
+def check_flags(flags: typing.Mapping[str, Any], cls: type[Config]) -> dict:
+    """``flags`` (from :func:`given_flags`) checked as ``cls`` checks its fields, so a bad value's
+    message names the flag the user typed (``--lr-d must be above 0``), not the field."""
+    hints, meta = typing.get_type_hints(cls), {f.name: f.metadata for f in fields(cls)}
+    out = dict(flags)
+    for name, value in flags.items():
+        if _base(hints[name])[0] is not dict:  # parse_options already names its flag
+            out[name] = check_value("--" + name.replace("_", "-"), value, hints[name], meta[name])
+    return out
+
+
 def from_args(args: argparse.Namespace, cls: type[T], base: typing.Mapping | None = None) -> T:
     """``cls`` from ``base`` (e.g. a YAML file's mapping) with the flags the user gave on top."""
-    return cls.from_dict({**dict(base or {}), **given_flags(args, cls)})
+    return cls.from_dict({**dict(base or {}), **check_flags(given_flags(args, cls), cls)})
+
+
+# --------------------------------------------------------------------------- lipgan sample
+
+
+@dataclass
+class SampleConfig(Config):
+    """`lipgan sample`: a grid of images (or of interpolations) from a trained generator."""
+
+    n: int = option(64, "number of images", low=1, high=200_000)
+    out: str = option("grid.png", "PNG to write")
+    seed: int = option(0, "seed of the latent draws", low=0, high=2**63 - 1)
+    nrow: int | None = option(None, "images per row", low=1, high=200_000)
+    interpolate: bool = option(
+        False, "rows of spherical interpolations between two random latents"
+    )
+    device: str = option("cpu", "cpu, cuda or auto")
+    raw: bool = option(
+        False, "sample a run folder's raw generator (the last iterate); without it, its moving "
+        "average generator_ema.safetensors where the run keeps one",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the GAN run
@@ -333,7 +366,10 @@ class TrainConfig(Config):
         0.0, "stop when the run has trained this many seconds (summed over resumes) and end it as "
         "at --steps; 0: no limit (`lipgan compare --budget` uses it)", low=0.0,
     )  # fmt: skip
-    batch_size: int = option(64, "samples per batch (real and fake each)", low=1, high=MAX_BATCH)
+    batch_size: int | None = option(
+        None, "samples per batch (real and fake each; default the recipe's, else 64)",
+        low=1, high=MAX_BATCH,
+    )  # fmt: skip
     seed: int = option(0, "seed of every random stream (weights, batches, noise)",
                        low=0, high=MAX_SEED)  # fmt: skip
     device: str = option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
@@ -406,10 +442,10 @@ class TrainConfig(Config):
         "generator_ema.safetensors (0: none); ramped up over the first --ema-rampup of training",
         low=0.0, high=1e12,
     )  # fmt: skip
-    ema_rampup: float = option(
-        0.05, "EMA ramp (StyleGAN2-ADA): half-life min(ema, ema_rampup * images seen); 0: no ramp "
-        "(docs/recipes.md: in short runs the ramp, not the half-life, sets the average)",
-        low=0.0, high=1.0,
+    ema_rampup: float | None = option(
+        None, "EMA ramp (StyleGAN2-ADA): half-life min(ema, ema_rampup * images seen); 0: no ramp "
+        "(default the recipe's, else 0.05; docs/recipes.md: in short runs the ramp, not the "
+        "half-life, sets the average)", low=0.0, high=1.0,
     )  # fmt: skip
     fid_at_s: list = option(
         [60.0, 120.0, 300.0, 600.0], "FID (EMA generator, --fid-n samples) when the run's wall "

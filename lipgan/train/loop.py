@@ -7,23 +7,19 @@ checkpoint with the exports, and the progress bar. Measurements keep within ``me
 the wall time (:mod:`lipgan.train.budget`): a due one that does not fit is postponed. A
 non-finite loss stops the run or rolls it back. SIGINT and SIGTERM let the step in progress
 finish, write a checkpoint and mark the run resumable (status ``failed``, reason
-``interrupted``) before the loop stops.
+``interrupted``) before the loop stops. The resume checks, the checkpoint writer and the signal
+handler are in :mod:`lipgan.train.session_io`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from lipgan import constraints as C
@@ -34,14 +30,14 @@ from lipgan.train.config import TrainConfig
 from lipgan.train.gan import GANTrainer
 from lipgan.train.presets import resolve
 from lipgan.train.rng import isolated_rng
-
-#: Fields a resumed run keeps: changing one would make it another run (or relabel it).
-IDENTITY_FIELDS = (
-    "method", "recipe", "model", "generator_norm", "width", "z_dim", "dataset", "seed",
-    "constraint", "constraint_options", "generator_constraint", "generator_constraint_options",
-    "loss", "optimizer",
-)  # fmt: skip
-
+from lipgan.train.session_io import (
+    check_resume,
+    default_out,
+    exports,
+    stop_signals,
+    with_constraint,
+    write_checkpoint,
+)
 
 LOSS_KEYS = ("wasserstein", "loss_d", "penalty", "loss_g")
 
@@ -52,36 +48,6 @@ class TimeLimitReached(LipganError):
 
 class NonFiniteLoss(LipganError):
     """Raised when a loss becomes NaN or infinite and ``on_nan`` is ``stop``."""
-
-
-def default_out(cfg: TrainConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"{cfg.method}-{cfg.model}-{stamp}")
-
-
-def with_constraint(cfg: TrainConfig, constraint: C.Constraint | None) -> TrainConfig:
-    """``cfg`` naming ``constraint`` (a user's object) by its spec, so config.yaml records the
-    method that trains and a resume rebuilds it; unrecordable objects are a LipganError."""
-    if constraint is None:
-        return cfg
-    spec = C.checked_spec(constraint)
-    return cfg.replace(constraint=spec["name"], constraint_options=dict(spec["options"]))
-
-
-def check_resume(cfg: TrainConfig, stored: dict, path: Path) -> None:
-    """LipganError when ``cfg`` would change what the run in ``path`` (its config ``stored``)
-    is: its method, architecture, data, seed or constraints, or its folder."""
-    try:
-        before = resolve(TrainConfig.from_dict({**stored, "out": str(path)}))
-    except LipganError as exc:
-        raise LipganError(f"{path}/config.yaml: {exc}") from None
-    for name in IDENTITY_FIELDS:
-        old, new = getattr(before, name), getattr(cfg, name)
-        if old != new:
-            raise LipganError(
-                f"{path} was trained with {name} {old!r}, not {new!r}; a resumed run keeps it "
-                "(start a new run with another --out to change it)"
-            )
 
 
 def train(
@@ -97,12 +63,7 @@ def train(
     ``checkpoints/last.pt`` before changing anything in the folder.
     """
     session = Session(cfg, resume=resume, constraint=constraint, stream=stream)
-    try:
-        session.run()
-    except BaseException:
-        session.close()
-        raise
-    path = session.finish()
+    path = session.run_to_end()
     if session.trainer.step >= session.cfg.steps or session.ended:
         from lipgan.train import summary
 
@@ -232,7 +193,7 @@ class Session:
             run.remove_partials()
             if state is not None and run.stale_exports(state):
                 # a kill between the exports and last.pt, or a folder of an older version
-                run.write_exports(self._exports(trainer))
+                run.write_exports(exports(trainer))
         else:
             run.create(cfg.to_dict())
         return trainer, wall0, budget
@@ -248,7 +209,7 @@ class Session:
         """Train to generator step ``until`` (at most ``cfg.steps``)."""
         until = self.cfg.steps if until is None else min(until, self.cfg.steps)
         try:
-            with self._signals():
+            with stop_signals(self):
                 while self.trainer.step < until and not self.ended:
                     with self.budget.training():
                         out = self.trainer.train_step()
@@ -417,31 +378,11 @@ class Session:
                 if k != "step" and v is not None:
                     self.tb.add_scalar(k, v, step)
 
-    @staticmethod
-    def _exports(trainer: GANTrainer) -> dict[str, runs.Export]:
-        model = trainer.cfg.model
-        return {
-            "generator": runs.Export(trainer.generator, model, dict(trainer.gen_kwargs)),
-            "critic": runs.Export(trainer.critic, model, dict(trainer.critic_kwargs)),
-        }
-
     def _checkpoint(self, keep: bool) -> None:
+        extra = {"wall_s": self.wall(), "timing": self.budget.state_dict(),
+                 "config": self.cfg.to_dict()}  # fmt: skip
         with self.budget.measuring("checkpoint"):
-            self._write_checkpoint(keep)
-
-    @isolated_rng()
-    def _write_checkpoint(self, keep: bool) -> None:
-        """The exports, then ``last.pt`` naming them (RunFolder.save_checkpoint's order): a kill
-        between the two leaves the older checkpoint, and its resume rewrites the exports."""
-        trainer, run = self.trainer, self.run_dir
-        if trainer.ema is not None:  # beside the raw generator, before the checkpoint
-            path, kwargs = run.path / "generator_ema.safetensors", dict(trainer.gen_kwargs)
-            runs.export_network(trainer.ema.module, path, "generator", trainer.cfg.model, kwargs)
-        state = trainer.state_dict()
-        state["wall_s"] = self.wall()
-        state["timing"] = self.budget.state_dict()
-        state["config"] = self.cfg.to_dict()
-        run.save_checkpoint(state, self._exports(trainer), keep=keep)
+            write_checkpoint(self.run_dir, self.trainer, extra, keep)
 
     def _non_finite(self, step: int, losses: dict[str, float]) -> None:
         """Roll back to the last checkpoint with lower learning rates, or stop the run."""
@@ -466,31 +407,7 @@ class Session:
         self._status("failed", reason)
         raise NonFiniteLoss(reason)
 
-    # ---------------------------------------------------------------- signals and status
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM set :attr:`signal` (the loop then checkpoints and stops); a second
-        one interrupts at once. Only in the main thread, and never over an ignored signal."""
-        # Under DDP every rank must stop at the same step; torchrun's signals reach them all.
-        if threading.current_thread() is not threading.main_thread() or dist.is_initialized():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self.signal is not None:
-                raise KeyboardInterrupt
-            self.signal = signum
-
-        before = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                before[sig] = signal.signal(sig, handler)
-        try:
-            yield
-        finally:
-            for sig, old in before.items():
-                signal.signal(sig, old)
-
+    # ---------------------------------------------------------------- stop and status
     def _stop_on_signal(self) -> None:
         if _params_finite(self.trainer) and self.trainer.step > self.last_good:
             self._checkpoint(keep=False)
@@ -520,6 +437,15 @@ class Session:
             self._closed = True
             self.progress.close()
             self.run_dir.close()
+
+    def run_to_end(self) -> Path:
+        """:meth:`run` to ``cfg.steps``, then :meth:`finish`; closed (resumable) on any error."""
+        try:
+            self.run()
+        except BaseException:
+            self.close()
+            raise
+        return self.finish()
 
     def finish(self) -> Path:
         """Mark the run done when it reached ``cfg.steps`` or its time limit, then close it

@@ -13,28 +13,31 @@ from lipgan.train.losses import LOSSES, OPTIMIZERS
 
 #: Gulrajani et al. (2017), official gan_mnist.py: Adam 1e-4, betas (0.5, 0.9), n_critic 5 with
 #: the Wasserstein loss; the presets that compare ways of keeping the critic Lipschitz share it.
-WGAN_GP_SETUP: dict[str, Any] = dict(
-    loss="wasserstein", optimizer="adam", lr_d=1e-4, lr_g=1e-4, beta1=0.5, beta2=0.9, n_critic=5
-)
+
+
+def setup(
+    loss: str, optimizer: str, lr: tuple[float, float], betas: tuple[float, float], n_critic: int
+) -> dict[str, Any]:
+    """A preset's training setup as TrainConfig fields: ``lr`` is (critic, generator), ``betas``
+    Adam's (beta1, beta2) or RMSProp's (momentum, alpha)."""
+    return dict(loss=loss, optimizer=optimizer, lr_d=lr[0], lr_g=lr[1], beta1=betas[0],
+                beta2=betas[1], n_critic=n_critic)  # fmt: skip
+
+
+WGAN_GP_SETUP: dict[str, Any] = setup("wasserstein", "adam", (1e-4, 1e-4), (0.5, 0.9), 5)
 
 #: Method presets. Every value fills a TrainConfig field the user left unset (flag or YAML).
 PRESETS: dict[str, dict[str, Any]] = {
     # Arjovsky, Chintala & Bottou (2017), Algorithm 1 and official main.py: RMSProp lr 5e-5
     # (torch defaults: momentum 0, alpha 0.99), clip c = 0.01 (the constraint's default),
     # n_critic 5, and 100 critic steps for the first 25 generator steps and every 500th.
-    "wgan-clip": dict(
-        constraint="weight-clip",
-        loss="wasserstein",
-        optimizer="rmsprop",
-        lr_d=5e-5,
-        lr_g=5e-5,
-        beta1=0.0,
-        beta2=0.99,
-        n_critic=5,
-        burnin_steps=25,
-        burnin_n_critic=100,
-        burnin_every=500,
-    ),
+    "wgan-clip": {
+        **setup("wasserstein", "rmsprop", (5e-5, 5e-5), (0.0, 0.99), 5),
+        "constraint": "weight-clip",
+        "burnin_steps": 25,
+        "burnin_n_critic": 100,
+        "burnin_every": 500,
+    },
     # Gulrajani et al. (2017), official gan_mnist.py: Adam 1e-4, betas (0.5, 0.9), lambda 10 (the
     # constraint's default), n_critic 5.
     "wgan-gp": {**WGAN_GP_SETUP, "constraint": "gradient-penalty"},
@@ -43,16 +46,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "wgan-lp": {**WGAN_GP_SETUP, "constraint": "lipschitz-penalty"},
     # Miyato et al. (2018), setting C: Adam 2e-4, betas (0, 0.9), n_dis 5; the critic spectrally
     # normalized (one power iteration per forward, u kept) and trained with the Wasserstein loss.
-    "sn": dict(
-        constraint="spectral-norm",
-        loss="wasserstein",
-        optimizer="adam",
-        lr_d=2e-4,
-        lr_g=2e-4,
-        beta1=0.0,
-        beta2=0.9,
-        n_critic=5,
-    ),
+    "sn": {
+        **setup("wasserstein", "adam", (2e-4, 2e-4), (0.0, 0.9), 5),
+        "constraint": "spectral-norm",
+    },
     # Spectral norm regularization (Yoshida & Miyato 2017) made to hold a Wasserstein critic,
     # trained with the WGAN-GP setup so the methods differ only in how the critic is kept
     # Lipschitz. The paper's lambda/2 sum sigma_l^2 cannot: an L-layer critic's gain E[D(real)] -
@@ -87,49 +84,33 @@ PRESETS: dict[str, dict[str, Any]] = {
     # generator step; the self-attention architecture. lipgan's one change: the generator's output
     # layer is left unnormalized (last_layer=False). With it normalized, the sagan preset collapsed
     # to one image on MNIST on seeds 0 and 1; without, it gives varied digits (docs/wgan.md).
-    "sagan": dict(
-        model="sagan28",
-        constraint="spectral-norm",
-        generator_constraint="spectral-norm",
-        generator_constraint_options={"last_layer": False},
-        loss="hinge",
-        optimizer="adam",
-        lr_d=4e-4,
-        lr_g=1e-4,
-        beta1=0.0,
-        beta2=0.9,
-        n_critic=1,
-    ),
+    "sagan": {
+        **setup("hinge", "adam", (4e-4, 1e-4), (0.0, 0.9), 1),
+        "model": "sagan28",
+        "constraint": "spectral-norm",
+        "generator_constraint": "spectral-norm",
+        "generator_constraint_options": {"last_layer": False},
+    },
     # The control: non-saturating GAN, no constraint, DCGAN's Adam 2e-4, betas (0.5, 0.999)
     # (Radford et al. 2016), one critic step per generator step.
-    "gan": dict(
-        constraint="none",
-        loss="ns",
-        optimizer="adam",
-        lr_d=2e-4,
-        lr_g=2e-4,
-        beta1=0.5,
-        beta2=0.999,
-        n_critic=1,
-    ),
+    "gan": {**setup("ns", "adam", (2e-4, 2e-4), (0.5, 0.999), 1), "constraint": "none"},
 }
 
 #: ``--recipe fast``: per-method overrides of the paper preset for quality per CPU second on a
 #: small machine (issue 19). Each keeps the method's Lipschitz mechanism (its constraint); only
-#: the training setup around it changes. The values are the best trial of docs/recipes.md so far
-#: (t1: SN critic, hinge loss (Lim & Ye 2017), one critic step (Miyato et al. 2018), TTUR
-#: 4e-4 / 1e-4 with betas (0, 0.9) (Heusel et al. 2017; Zhang et al. 2019), batch norm in the
-#: dcgan28 generator (Radford et al. 2016)); the recipe sweep replaces them with measured ones.
+#: the training setup around it changes. Every value is measured in docs/recipes.md.
 FAST: dict[str, dict[str, Any]] = {
-    "sn": dict(
-        loss="hinge",
-        n_critic=1,
-        lr_d=4e-4,
-        lr_g=1e-4,
-        beta1=0.0,
-        beta2=0.9,
-        generator_norm="batch",
-    ),
+    # docs/recipes.md trial t6 (FID 135.6, recall 0.78, 10 classes at 3000 steps, 463 CPU s at
+    # one thread): the SN critic with hinge loss (Lim & Ye 2017) and one critic step (Miyato et
+    # al. 2018), lr_d 4e-4 with betas (0, 0.9) (Zhang et al. 2019), lr_g 2e-4 (t6 against t1's
+    # TTUR 1e-4), batch 32, batch norm in the dcgan28 generator (Radford et al. 2016), and the
+    # EMA ramp 0.02 (the half-life stays 10,000 images; t4: in short runs the ramp sets it).
+    "sn": {
+        **setup("hinge", "adam", (4e-4, 2e-4), (0.0, 0.9), 1),
+        "generator_norm": "batch",
+        "batch_size": 32,
+        "ema_rampup": 0.02,
+    },
 }
 
 # Values used for preset fields a preset does not mention.
@@ -137,6 +118,8 @@ PRESET_FALLBACK: dict[str, Any] = dict(
     model="dcgan28",
     generator_norm="none",
     penalty_every=1,
+    batch_size=64,
+    ema_rampup=0.05,
     generator_constraint="none",
     weight_decay=0.0,
     burnin_steps=0,
