@@ -95,12 +95,7 @@ def _run_rank(
             # Session built a plain GANTrainer from the same seed (its step-0 checkpoint equals
             # this one's); from here on it drives the data-parallel one.
             session.trainer = trainer
-            try:
-                session.run()
-            except BaseException:
-                session.close()
-                raise
-            path = session.finish()
+            path = session.run_to_end()
         else:
             _follow(trainer, run_cfg)
             path = Path(run_cfg.out)
@@ -150,6 +145,7 @@ def _env_int(name: str) -> int:
 def main_from_env(cfg: TrainConfig, resume: bool = False, stream=None) -> Path:
     """Train ``cfg`` as one rank of a torchrun job (reads RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT); every rank returns the run folder."""
+    cfg = resolve(cfg)  # idempotent; library callers may pass an unresolved config
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
