@@ -175,7 +175,11 @@ def _check(cfg: CompareConfig) -> list[Variant]:
     from lipgan.train import TrainConfig, device, presets
 
     for v in variants:
-        presets.resolve(TrainConfig.from_dict({**cfg.train_flags(), **variant_fields(v)}))
+        tc = presets.resolve(TrainConfig.from_dict({**cfg.train_flags(), **variant_fields(v)}))
+        if cfg.jobs > 1:
+            from lipgan.constraints import base
+
+            base.check_for_workers([tc.constraint, tc.generator_constraint])
     device.resolve_device(cfg.device or "auto")
     return variants
 

@@ -16,6 +16,7 @@ from lipgan.compare import CompareConfig, parse_duration, plan_runs, run_compare
 from lipgan.errors import LipganError
 from lipgan.experiments import sweep
 from lipgan.experiments.sweep import Variant
+from lipgan.runs import RunFolder
 from lipgan.train import loop
 
 # Tiny and quick: width 8, batch 16, one thread (two cores are shared by several processes; more
@@ -510,6 +511,42 @@ def test_jobs_ctrl_c_interrupts_the_workers(tmp_path, monkeypatch):
         assert (st["state"], st["reason"]) == ("failed", "interrupted")
         assert st["step"] < 100_000
     assert [p.action for p in plan_runs(cfg)] == ["resume", "resume"]
+
+
+def test_jobs_train_a_users_registered_constraint(tmp_path):
+    """A constraint registered by name in the user's own module (not lipgan's) trains in the
+    worker processes, and each run records it as itself."""
+    import user_constraints  # registers test-user-clip in this process only
+
+    tight = Variant("tight", {"method": "test-user-clip", "constraint_options": {"c": 0.02}})
+    cfg = tiny(
+        tmp_path / "c", methods=["test-user-clip"], seeds=2, evaluate=False, jobs=2,
+        variants=[tight],
+    )  # fmt: skip
+    run_compare(cfg)
+    for name, c in (("test-user-clip-seed0", 0.05), ("test-user-clip-seed1", 0.05),
+                    ("tight-seed1", 0.02)):  # fmt: skip
+        run = report.load_run(tmp_path / "c" / "runs" / name)
+        assert run.status["state"] == "done"
+        assert run.config["constraint"] == "test-user-clip"
+        # the clip held in the worker: every critic parameter within [-c, c]
+        critic = RunFolder(run.path).load_export("critic")
+        assert max(float(p.detach().abs().max()) for p in critic.parameters()) <= c + 1e-7
+    assert user_constraints.UserClip.name == "test-user-clip"
+
+
+def test_jobs_refuse_a_constraint_workers_cannot_import(tmp_path, monkeypatch):
+    from lipgan import constraints
+    from lipgan.constraints import base
+
+    class Local(constraints.WeightClip):  # inside a function: a worker cannot import it
+        pass
+
+    monkeypatch.setitem(base._REGISTRY, "test-local-clip", Local)
+    with pytest.raises(LipganError, match="'test-local-clip' cannot reach the worker") as err:
+        run_compare(tiny(tmp_path / "c", methods=["test-local-clip"], jobs=2))
+    assert "--jobs 1" in str(err.value)
+    assert not (tmp_path / "c" / "compare.json").exists()
 
 
 # --------------------------------------------------------------------------- variants, vocabulary
