@@ -404,7 +404,8 @@ def write_report(cells: Sequence[Cell], cfg: CompareConfig, out: Path) -> Path |
     bound = f"{format_duration(cfg.budget_s)} per run" if cfg.budget_s else f"{cfg.steps} G steps"
     title = f"lipgan compare: {out.name} ({bound}, {cfg.seeds} seed(s))"
     order = list(dict.fromkeys(c.variant for c in cells))
-    return report.build_report(paths, out / "report.html", title=title, order=order)
+    labels = {c.path: c.variant for c in cells}
+    return report.build_report(paths, out / "report.html", title=title, order=order, labels=labels)
 
 
 # --------------------------------------------------------------------------- the driver
