@@ -113,6 +113,10 @@ def test_every_run_trained_evaluated_and_tabled(done):
         assert conf["method"] == r["method"] and conf["seed"] == int(r["seed"])
     # two seeds of one method are different runs
     assert rows[0]["fid"] != rows[1]["fid"]
+    # time to quality: FID at 1, 2, 5 and 10 minutes, empty for runs of a second or two
+    assert all(r[k] == "" for r in rows for k in ("fid_1m", "fid_2m", "fid_5m", "fid_10m"))
+    page = paths["report"].read_text()
+    assert "FID @ 10 min" in page and 'id="quality"' in page
 
 
 def test_eval_json_matches_an_independent_fid(done):
