@@ -317,34 +317,35 @@ def worker_registry() -> dict[str, bytes | str]:
 
 
 def load_worker_registry(entries: dict[str, bytes | str]) -> None:
-    """In a worker: register each entry of :func:`worker_registry` (importing its module); an
-    entry that cannot be imported here is registered as a factory raising its reason."""
-    import pickle
-
+    """In a worker: register each entry of :func:`worker_registry`. Its module is imported when
+    a cell first builds it (a worker imports only what it trains); one that cannot be imported
+    here, or that the parent could not hand over, raises its one-line reason then."""
     for name, blob in entries.items():
-        if isinstance(blob, bytes):
-            try:
-                factory = pickle.loads(blob)
-            except Exception as exc:  # the module or name is not importable in this process
-                blob = (
-                    f"constraint {name!r} cannot be imported in a worker process of --jobs "
-                    f"({type(exc).__name__}: {exc}); define it in an importable module (not "
-                    "an interactive session), or run with --jobs 1"
-                )
-            else:
-                register(name)(factory)
-                continue
-        _REGISTRY[name] = _Unavailable(blob)
+        _REGISTRY[name] = _FromParent(name, blob)
 
 
-class _Unavailable:
-    """A registry entry a worker could not import: building it raises the reason."""
+class _FromParent:
+    """A registry entry handed over by the parent process: unpickled (its module imported) and
+    registered under its name at the first call, then built like any entry."""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __init__(self, name: str, blob: bytes | str) -> None:
+        self.name, self.blob = name, blob
 
     def __call__(self, **options: Any) -> Constraint:
-        raise LipganError(self.reason)
+        import pickle
+
+        if isinstance(self.blob, str):
+            raise LipganError(self.blob)
+        try:
+            factory = pickle.loads(self.blob)
+        except Exception as exc:  # the module or name is not importable in this process
+            raise LipganError(
+                f"constraint {self.name!r} cannot be imported in a worker process of --jobs "
+                f"({type(exc).__name__}: {exc}); define it in an importable module (not an "
+                "interactive session), or run with --jobs 1"
+            ) from None
+        register(self.name)(factory)
+        return factory(**options)
 
 
 def check_for_workers(names: str | Iterable[str | None] | None) -> None:
