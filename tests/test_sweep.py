@@ -146,3 +146,40 @@ def test_a_constraint_workers_cannot_import_is_one_line_naming_it(tmp_path, monk
     cells = sweep.grid([Variant("u", {"name": "weight-clip"})], 2, tmp_path)
     got = sweep.run_cells(cells, _constraint_of, jobs=2, threads=1)
     assert [v for _, v in got.finished] == ["WeightClip"] * 2
+
+
+def test_a_constraint_registered_in_a_scripts_main_reaches_the_workers(tmp_path):
+    """The usual case: a user's script registers its constraint in ``__main__`` and sweeps with
+    workers. Spawn re-runs the script's top level in each worker (as ``__mp_main__``, under its
+    main guard), which registered it even before the parent handed its entries over; this keeps
+    that so (the handed-over entry resolves to the same class)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "my_sweep.py"
+    script.write_text(textwrap.dedent('''
+        from lipgan import constraints
+        from lipgan.experiments import sweep
+
+
+        @constraints.register("script-clip")
+        class ScriptClip(constraints.WeightClip):
+            pass
+
+
+        def build(cell, tag, ctx):
+            return type(constraints.get("script-clip", c=0.5)).__name__
+
+
+        if __name__ == "__main__":
+            cells = sweep.grid([sweep.Variant("v")], 2, "unused")
+            done = sweep.run_cells(cells, build, jobs=2, threads=1)
+            print(sorted(v for _, v in done.finished))
+    '''))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "['ScriptClip', 'ScriptClip']"
