@@ -202,7 +202,11 @@ def variant_labels(paths: Iterable[str | os.PathLike]) -> dict[Path, str]:
         if not isinstance(names, list) or not runs_dir.is_dir():
             continue
         wanted = {n for n in names if isinstance(n, str)}
-        for run in runs_dir.iterdir():
+        try:
+            found = list(runs_dir.iterdir())
+        except OSError:  # unreadable: expand_paths says so, in one line
+            continue
+        for run in found:
             variant, seeded, rest = run.name.rpartition("-seed")
             if seeded and variant in wanted and _SEEDED.fullmatch(seeded + rest):
                 out[run.resolve()] = variant
