@@ -577,6 +577,14 @@ def test_variants_and_a_registry_method_are_compared(tmp_path):
     assert conf["bjorck-seed0"]["constraint"] == "bjorck"
     saved = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert saved["variants"]["sn-w12"] == {"method": "sn", "width": 12}
+    # the report (written by compare, and rebuilt from the folder) keeps the two sn variants apart
+    for page in (paths["report"], report.build_report([tmp_path / "c"], tmp_path / "again.html")):
+        text = page.read_text()
+        assert "sn-w8 (sn)" in text and "sn-w12 (sn)" in text
+    md = report.markdown_summary([tmp_path / "c"])
+    assert [line.split(" | ")[0] for line in md.splitlines()[2:]] == [
+        "| sn-w8 (sn)", "| sn-w12 (sn)", "| bjorck",
+    ]  # fmt: skip
     # the same name with other settings would mix unlike runs: refused, nothing trained
     variants[1] = Variant("sn-w12", {"method": "sn", "width": 16})
     with pytest.raises(LipganError, match="same flags"):
