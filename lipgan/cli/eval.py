@@ -1,11 +1,38 @@
-"""`lipgan eval RUN [--n 10000] [--json]` and `lipgan eval --samples FILE|DIR --dataset NAME`."""
+"""`lipgan eval RUN [--n 10000] [--json]` and `lipgan eval --samples FILE|DIR --dataset NAME`.
+
+Every flag is a field of :class:`EvalOptions`, made by :func:`lipgan.train.config.add_flags`.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+
+from lipgan.train.config import Config, option
+
+
+@dataclass
+class EvalOptions(Config):
+    """`lipgan eval`'s options. Their types are checked here; the sizes by
+    :mod:`lipgan.metrics.sampling` (``--n`` from 128, or 0 for a whole sample file, to 200000;
+    ``--batch-size`` 1 to 65536; ``--seed`` 0 to 2^63-1), which names the flag and is also what
+    ``lipgan compare`` calls."""
+
+    samples: str | None = option(
+        None, ".npy/.npz array of 28x28 images or a folder of PNG files (instead of RUN)"
+    )
+    dataset: str | None = option(
+        None, "mnist or fashion-mnist (default: the run's dataset, else mnist)"
+    )
+    n: int = option(10000, "samples to generate/score (at most 200000)")
+    seed: int = option(0, "seed of the latent draws and subsets")
+    batch_size: int = option(500, "generation batch size")
+    json: bool = option(False, "print one JSON object instead of a table")
 
 
 def register(sub) -> None:
+    from lipgan.train.config import add_flags
+
     p = sub.add_parser(
         "eval",
         help="sample quality (FID, KID, IS, precision/recall, density/coverage, classes)",
@@ -15,35 +42,23 @@ def register(sub) -> None:
         ),
     )
     p.add_argument("run", nargs="?", help="run folder or exported generator .safetensors")
-    p.add_argument("--samples", help=".npy/.npz array of 28x28 images or a folder of PNG files")
-    p.add_argument(
-        "--dataset",
-        default=None,
-        help="mnist or fashion-mnist (default: the run's dataset, else mnist)",
-    )
-    p.add_argument(
-        "--n",
-        type=int,
-        default=10000,
-        help="samples to generate/score (default 10000, at most 200000)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the latent draws and subsets")
-    p.add_argument("--batch-size", type=int, default=500, help="generation batch size")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_flags(p, EvalOptions)
     p.set_defaults(func=_eval)
 
 
 def _eval(args) -> int:
     from lipgan.errors import LipganError
+    from lipgan.train.config import from_args
 
-    if (args.run is None) == (args.samples is None):
+    opts = from_args(args, EvalOptions)
+    if (args.run is None) == (opts.samples is None):
         raise LipganError("give either a RUN folder or --samples FILE|DIR (exactly one)")
-    if args.samples is not None:
-        return _eval_samples(args)
-    return _eval_run(args)
+    if opts.samples is not None:
+        return _eval_samples(opts)
+    return _eval_run(args.run, opts)
 
 
-def _eval_samples(args) -> int:
+def _eval_samples(args: EvalOptions) -> int:
     import sys
 
     from lipgan import metrics
@@ -61,22 +76,22 @@ def _eval_samples(args) -> int:
     return 0
 
 
-def _eval_run(args) -> int:
+def _eval_run(run: str, args: EvalOptions) -> int:
     import sys
     from pathlib import Path
 
     from lipgan.metrics import sampling
 
     res = sampling.evaluate_run(
-        args.run,
+        run,
         n=args.n,
         dataset=args.dataset,
         seed=args.seed,
         batch_size=args.batch_size,
         details=True,
     )
-    if Path(args.run).is_dir():
-        print(f"wrote {Path(args.run) / 'eval.json'}", file=sys.stderr)
+    if Path(run).is_dir():
+        print(f"wrote {Path(run) / 'eval.json'}", file=sys.stderr)
     _print(res, args.json)
     return 0
 

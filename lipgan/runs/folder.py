@@ -17,23 +17,20 @@ Layout::
 Promises (docs/design.md, "Run folders"): a new run never reuses a folder that holds anything;
 one writer at a time (``fcntl.flock`` on ``.lock``, taken at the first write); every file but
 the CSVs is written atomically (temporary file, fsync, rename), the CSVs are appended row by row
-and repaired on resume; exports are written before the checkpoint that names them; every OS
-error is one line naming the path. No torch import here: the report reads folders without it.
+and repaired on resume (:class:`lipgan.runs.logs.RunLogs`); exports are written before the
+checkpoint that names them; every OS error is one line naming the path. No torch import here:
+the report reads folders without it.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from lipgan.errors import LipganError
@@ -49,8 +46,8 @@ from lipgan.runs.files import (
     sha256_bytes,
     sha256_file,
 )
+from lipgan.runs.logs import RunLogs
 from lipgan.runs.manifest import Manifest, tracked_write
-from lipgan.schema import LAYER_COLUMNS, METRIC_COLUMNS
 
 # One lock per folder per process, shared by every RunFolder of that process on that folder: the
 # lock keeps *other* processes out (a second `--resume`, two sweeps), while a sweep that trains in
@@ -58,20 +55,12 @@ from lipgan.schema import LAYER_COLUMNS, METRIC_COLUMNS
 _HELD: dict[str, list] = {}
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
 def _yaml_error(path: Path, exc: yaml.YAMLError) -> LipganError:
     first = " ".join(str(exc).split())  # PyYAML's message spans lines; the CLI prints one
     return LipganError(f"{path}: not valid YAML ({first[:200]}); fix or restore the file")
 
 
-class RunFolder:
+class RunFolder(RunLogs):
     """One run folder. ``RunFolder(path)`` touches nothing and reading never writes.
 
     One writer: :meth:`create`, :meth:`lock` and the training writers (CSV logs, samples,
@@ -249,8 +238,17 @@ class RunFolder:
         return cfg
 
     def write_status(
-        self, state: str, step: int, steps: int, wall_s: float, reason: str | None = None
+        self,
+        state: str,
+        step: int,
+        steps: int,
+        wall_s: float,
+        reason: str | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
+        """Write status.json: the five core keys, then the keys of ``extra`` (JSON values, e.g.
+        CPU seconds or a measurement budget) that are not core keys (those always win)."""
         status = {
             "state": state,
             "reason": reason,
@@ -258,6 +256,7 @@ class RunFolder:
             "steps": int(steps),
             "wall_s": round(float(wall_s), 3),
         }
+        status.update({k: v for k, v in (extra or {}).items() if k not in status})
         with self._writing():
             atomic_write_text(self.status_path, json.dumps(status, indent=1) + "\n")
 
@@ -285,103 +284,11 @@ class RunFolder:
         value = self._read_json(self.eval_path)
         return value if isinstance(value, dict) else None
 
-    # ------------------------------------------------------------------ CSV logs
-    def _open_csv(self, path: Path, columns: Iterable[str]):
-        self.lock()
-        try:
-            new = not path.is_file() or path.stat().st_size == 0
-            fh = open(path, "a", newline="")
-            if new:
-                csv.writer(fh).writerow(columns)
-                fh.flush()
-        except OSError as exc:
-            raise os_error(exc, path) from None
-        return fh
-
-    def _append(self, fh, rows: Iterable[list], path: Path) -> None:
-        try:
-            csv.writer(fh).writerows(rows)
-            fh.flush()
-        except OSError as exc:  # a torn row is dropped on resume (truncate_logs)
-            raise os_error(exc, path) from None
-
-    def log_metrics(self, row: dict[str, Any]) -> None:
-        """Append one row to metrics.csv (unknown keys are an error; missing ones stay empty)."""
-        extra = set(row) - set(METRIC_COLUMNS)
-        if extra:
-            raise ValueError(f"unknown metrics columns {sorted(extra)}")
-        if self._metrics_fh is None:
-            self._metrics_fh = self._open_csv(self.metrics_path, METRIC_COLUMNS)
-        self._append(
-            self._metrics_fh, [[_fmt(row.get(c)) for c in METRIC_COLUMNS]], self.metrics_path
-        )
-
-    def log_layer_norms(self, step: int, rows: Iterable[tuple[str, Any, Any]]) -> None:
-        """Append ``(layer, operator_norm, reshaped_norm)`` rows for ``step`` to layer_norms.csv."""
-        if self._layers_fh is None:
-            self._layers_fh = self._open_csv(self.layer_norms_path, LAYER_COLUMNS)
-        out = [[step, layer, _fmt(op), _fmt(reshaped)] for layer, op, reshaped in rows]
-        self._append(self._layers_fh, out, self.layer_norms_path)
-
-    def truncate_logs(self, after_step: int) -> None:
-        """Drop CSV rows with ``step > after_step`` and torn rows (resume, rollback)."""
-        self.close_logs()
-        for path, columns in (
-            (self.metrics_path, METRIC_COLUMNS),
-            (self.layer_norms_path, LAYER_COLUMNS),
-        ):
-            if not path.is_file():
-                continue
-            rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
-            keep = [list(columns)]
-            for r in rows[1:]:
-                if len(r) != len(columns):
-                    continue
-                try:
-                    if int(r[0]) <= after_step:
-                        keep.append(r)
-                except ValueError:
-                    continue
-            buf = io.StringIO()
-            csv.writer(buf).writerows(keep)
-            with self._writing():
-                atomic_write_text(path, buf.getvalue())
-
+    # ------------------------------------------------------------------ partial files
     def remove_partials(self) -> None:
         """Delete temporary files a killed writer left behind (``.NAME.*.part``)."""
         with self._writing():  # never another live writer's temporary file
             remove_partials(self.path, self.checkpoints_dir, self.samples_dir)
-
-    def _csv_rows(self, path: Path) -> tuple[list[str], list[list[str]]]:
-        if not path.is_file():
-            return [], []
-        rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
-        return (rows[0], rows[1:]) if rows else ([], [])
-
-    def read_metrics(self) -> list[dict[str, float | None]]:
-        """metrics.csv as a list of dicts (empty cells -> None; torn rows dropped)."""
-        header, rows = self._csv_rows(self.metrics_path)
-        out = []
-        for cells in rows:
-            try:
-                if len(cells) == len(header):
-                    out.append({k: float(v) if v else None for k, v in zip(header, cells)})
-            except ValueError:
-                continue
-        return out
-
-    def metrics_columns(self) -> dict[str, np.ndarray]:
-        """metrics.csv as columns of float64; empty cells are NaN. A last line cut short by a
-        killed process (fewer cells than the header, or a cell that is not a number) is
-        dropped."""
-        header, rows = self._csv_rows(self.metrics_path)
-        if not header:
-            return {}
-        values = [
-            [v if v is not None else math.nan for v in r.values()] for r in self.read_metrics()
-        ]
-        data = np.array(values, dtype=np.float64).reshape(len(values), len(header))
-        return {name: data[:, i] for i, name in enumerate(header)}
 
     # ------------------------------------------------------------------ TensorBoard
     def tensorboard(self, purge_step: int | None = None):
@@ -392,16 +299,6 @@ class RunFolder:
             self.lock()
             self._tb = SummaryWriter(log_dir=str(self.path / "tb"), purge_step=purge_step)
         return self._tb
-
-    def close_logs(self) -> None:
-        for attr in ("_metrics_fh", "_layers_fh"):
-            fh = getattr(self, attr)
-            if fh is not None:
-                setattr(self, attr, None)
-                try:
-                    fh.close()
-                except OSError:  # a full disk: the rows already written are flushed
-                    pass
 
     def close(self) -> None:
         """Close the logs and give the lock back (the folder can then be reopened)."""
