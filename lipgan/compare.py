@@ -283,6 +283,11 @@ def run_compare(
     )
     results = write_results(cells, out)
     page = write_report(cells, cfg, out)
+    if page is not None:
+        from lipgan import report
+
+        table = report.markdown_summary([out], columns=report.QUALITY_COLUMNS)
+        log("compare: FID (eval.json) and time to quality, mean ± std over seeds:\n" + table)
     log(f"compare: wrote {results}" + (f" and {page}" if page else ""))
     return {"results": results, "report": page}
 

@@ -152,8 +152,21 @@ def test_report_table_is_mean_and_std_over_seeds(done):
 def test_rerun_trains_nothing(done, spy):
     cfg, out, _ = done
     before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/generator.safetensors")}
-    run_compare(cfg)
+    logs: list[str] = []
+    run_compare(cfg, log=logs.append)
     assert spy == []
+    # the closing summary: each method's FID and its FID at 1, 2, 5 and 10 minutes
+    (table,) = [m for m in logs if m.startswith("compare: FID (eval.json) and time to quality")]
+    head, _, *rows = table.splitlines()[1:]
+    assert head.split(" | ")[2:] == ["FID", "FID @ 1 min", "FID @ 2 min", "FID @ 5 min",
+                                     "FID @ 10 min |"]  # fmt: skip
+    results = _rows(out / "results.csv")
+    fids = {m: [float(x["fid"]) for x in results if x["method"] == m] for m in ("sn", "gan")}
+    assert [r.split(" | ")[:3] for r in rows] == [
+        ["| sn", "2/2", report.tables._md_stat(report.mean_std(fids["sn"]))],
+        ["| gan", "2/2", report.tables._md_stat(report.mean_std(fids["gan"]))],
+    ]
+    assert all(r.endswith("| – | – | – | – |") for r in rows)  # runs of a second or two
     after = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/generator.safetensors")}
     assert before == after
 

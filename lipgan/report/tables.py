@@ -340,24 +340,36 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def markdown_summary(paths: Iterable[str | os.PathLike], order: Sequence[str] | None = None) -> str:
-    """The per-method summary as a Markdown table (mean ± std over finished runs), with a
-    ``done/runs`` column; a method whose runs all failed shows the first failure's reason."""
+#: the time-to-quality columns of :func:`markdown_summary` (``lipgan compare`` prints them)
+QUALITY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("fid", "FID"),
+    *((key, header) for key, header, _ in TIME_COLUMNS),
+)
+
+
+def markdown_summary(
+    paths: Iterable[str | os.PathLike],
+    order: Sequence[str] | None = None,
+    columns: Sequence[tuple[str, str]] = MARKDOWN_COLUMNS,
+) -> str:
+    """The per-method summary as a Markdown table (mean ± std over finished runs) of
+    ``columns`` (key, header), with a ``done/runs`` column; a method whose runs all failed shows
+    the first failure's reason."""
     paths = list(paths)
     order = order if order is not None else compare_order(paths)
     runs = load_runs(paths)
     summary = summarize(runs, order)
     by_method = group_by_method(runs, order)
-    head = ["method", "done", *(h for _, h in MARKDOWN_COLUMNS)]
+    head = ["method", "done", *(h for _, h in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in summary:
         cells = [entry["name"], f"{entry['done']}/{entry['runs']}"]
         if entry["done"]:
-            cells += [_md_stat(entry["stats"].get(key)) for key, _ in MARKDOWN_COLUMNS]
+            cells += [_md_stat(entry["stats"].get(key)) for key, _ in columns]
         else:
             failed = [r for r in by_method[entry["method"]] if r.state == "failed"]
             reason = (failed[0].reason or "failed") if failed else "not finished"
-            cells += [reason] + ["–"] * (len(MARKDOWN_COLUMNS) - 1)
+            cells += [reason] + ["–"] * (len(columns) - 1)
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
