@@ -11,7 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,29 @@ def _summary(r: torch.Tensor) -> dict[str, float]:
         "max": float(r.max()),
         "min": float(r.min()),
     }
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for a measurement, and in the mode it had afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def _restored(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Copies of ``params``, written back bit for bit afterwards, whatever happened."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
 
 
 def _is_classifier(y: torch.Tensor, classifier: bool | None) -> bool:
@@ -109,10 +133,8 @@ def input_sensitivity(
     """
     if x.dim() < 2:
         raise LipganError("input_sensitivity: x must have a batch dimension (B, ...)")
-    was_training = model.training
-    model.eval()
     g = torch.Generator().manual_seed(seed)
-    try:
+    with _eval_mode(model):
         with torch.no_grad():
             y0 = model(x)
         is_cls = _is_classifier(y0, classifier)
@@ -162,8 +184,6 @@ def input_sensitivity(
                         "flipped": float((y.argmax(1) != pred0).double().mean())
                     }
         return out
-    finally:
-        model.train(was_training)
 
 
 def parameter_sensitivity(
@@ -194,11 +214,8 @@ def parameter_sensitivity(
     params = [p for p in model.parameters()]
     if not params:
         raise LipganError("parameter_sensitivity: the model has no parameters")
-    saved = [p.detach().clone() for p in params]
-    was_training = model.training
-    model.eval()
     g = torch.Generator().manual_seed(seed)
-    try:
+    with _eval_mode(model), _restored(params) as saved:
         with torch.no_grad():
             out0 = model(x)
             loss0 = float(loss_fn(out0, y))
@@ -226,8 +243,3 @@ def parameter_sensitivity(
                     stats["flipped"] = _summary(torch.tensor(flips))
                 result[float(e)] = stats
         return result
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-        model.train(was_training)

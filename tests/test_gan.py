@@ -52,7 +52,7 @@ def _cfg(tiny, tmp_path, **kw):
     base = dict(
         dataset=tiny, width=4, batch_size=8, steps=4, out=str(tmp_path / "run"), quiet=True,
         tensorboard=False, fid_every=-1, threads=1, log_every=1, lip_every=2, sample_every=2,
-        checkpoint_every=2, burnin_n_critic=3,
+        checkpoint_every=2, burnin_n_critic=3, measure_budget=1.0,
     )  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
@@ -424,6 +424,16 @@ def test_cli_train_config_precedence_and_sample(tiny, tmp_path, capsys):
     assert read_png(grid).shape == (2 * 30 + 2, 3 * 30 + 2)
     assert main(["sample", str(out), "--n", "8", "--out", str(grid), "--interpolate"]) == 0
     assert read_png(grid).shape[1] == 3 * 30 + 2  # rows of round(sqrt(8)) = 3 steps
+    # the EMA generator by default, and it says so; --raw samples the last iterate
+    capsys.readouterr()
+    raw = tmp_path / "raw.png"
+    assert main(["sample", str(out), "--n", "6", "--out", str(grid)]) == 0
+    assert "EMA generator" in capsys.readouterr().err
+    assert main(["sample", str(out), "--n", "6", "--out", str(raw), "--raw"]) == 0
+    assert "EMA" not in capsys.readouterr().err
+    assert main(["sample", str(out / "generator_ema.safetensors"), "--n", "6", "--out",
+                 str(tmp_path / "e.png")]) == 0  # fmt: skip
+    assert (tmp_path / "e.png").read_bytes() == grid.read_bytes() != raw.read_bytes()
     assert main(["train", "--method", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown method" in capsys.readouterr().err
 
@@ -463,7 +473,8 @@ def _train_cmd(out, steps):
     return [sys.executable, "-m", "lipgan", "train", "--method", "wgan-gp", "--width", "8",
             "--batch-size", "16", "--steps", str(steps), "--out", str(out), "--quiet",
             "--no-tensorboard", "--fid-every", "-1", "--checkpoint-every", "3", "--log-every",
-            "2", "--lip-every", "5", "--threads", "1"]  # fmt: skip
+            "2", "--lip-every", "5", "--threads", "1",
+            "--measure-budget", "1"]  # fmt: skip (the rows must not depend on timing)
 
 
 @pytest.mark.slow
@@ -489,6 +500,12 @@ def test_sigkill_resume_is_bit_identical(tmp_path):
         assert done.returncode == 0, (trial, done.stderr[-2000:])
         got = torch.load(out / "checkpoints/last.pt", weights_only=True)
         assert got["step"] == steps
+        # the generator's moving average too, in the checkpoint and in its export
+        for k, v in want["ema"]["module"].items():
+            assert torch.equal(v, got["ema"]["module"][k]), (trial, "ema", k)
+        assert got["ema"]["updates"] == want["ema"]["updates"]
+        ema_file = "generator_ema.safetensors"
+        assert (out / ema_file).read_bytes() == (ref / ema_file).read_bytes(), trial
         for net in ("generator", "critic", "opt_d", "opt_g"):
             if net.startswith("opt"):
                 for pid, st in want[net]["state"].items():
@@ -509,6 +526,176 @@ def test_fid_logged_when_the_extractor_exists(tmp_path):
         pytest.skip("no shipped MNIST extractor")
     cfg = TrainConfig(width=4, batch_size=8, steps=1, out=str(tmp_path / "r"), quiet=True,
                       tensorboard=False, threads=1, fid_n=256, lip_every=0,
-                      layer_every=0)  # fmt: skip
+                      layer_every=0, measure_budget=1.0)  # fmt: skip
     rows = runs.Run(gan.train(cfg)).read_metrics()
     assert rows[-1]["fid"] is not None and rows[-1]["fid"] > 0
+
+
+# --------------------------------------------------------------------------- issue 19
+
+
+def test_a_tight_measurement_budget_postpones_measurements_without_changing_training(
+    tiny, tmp_path
+):
+    kw = dict(method="sn", steps=6, lip_every=1, layer_every=3, sample_every=1)
+    a = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "a"), **kw))  # budget 1: all of it
+    b = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "b"), measure_budget=1e-6, **kw))
+    ra, rb = runs.Run(a).read_metrics(), runs.Run(b).read_metrics()
+    assert all(r["gnorm_real_max"] is not None for r in ra)
+    assert all(r["gnorm_real_max"] is None for r in rb)  # every one postponed, then skipped
+    assert all(r["cpu_s"] is not None and r["cpu_s"] > 0 for r in ra + rb)
+    sa = torch.load(a / "checkpoints/last.pt", weights_only=True)
+    sb = torch.load(b / "checkpoints/last.pt", weights_only=True)
+    for net in ("generator", "critic"):
+        assert all(torch.equal(v, sb[net][k]) for k, v in sa[net].items())
+    m = json.loads((b / "status.json").read_text())["measurement"]
+    assert m["budget"] == 1e-6 and m["postponed"]["gradient_norms"] == 6
+    assert m["skipped"] == {"gradient_norms": 1, "layers": 1}
+    assert m["count"]["checkpoint"] >= 2 and m["count"]["samples"] == 1  # the final grid
+    assert 0 < m["measure_s"] < m["wall_s"] and 0 < m["train_s"] < m["wall_s"]
+    assert m["measure_share"] == pytest.approx(m["measure_s"] / m["wall_s"], abs=1e-3)
+    full = json.loads((a / "status.json").read_text())["measurement"]
+    assert full["count"]["gradient_norms"] == 6 and not full["skipped"]
+
+
+def test_cpu_seconds_and_budget_clocks_continue_across_resume(tiny, tmp_path):
+    out = str(tmp_path / "r")
+    gan.train(_cfg(tiny, tmp_path, out=out, steps=3))
+    first = runs.load_checkpoint(Path(out) / "checkpoints/last.pt")["timing"]
+    gan.train(_cfg(tiny, tmp_path, out=out, steps=6), resume=True)
+    rows = runs.Run(out).read_metrics()
+    cpu = [r["cpu_s"] for r in rows]
+    assert cpu == sorted(cpu) and cpu[3] >= first["cpu_s"]
+    second = runs.load_checkpoint(Path(out) / "checkpoints/last.pt")["timing"]
+    assert second["steps"] == 6 and second["train_s"] > first["train_s"]
+
+
+def test_fid_at_wall_time_marks_from_the_ema_generator(tmp_path):
+    from lipgan import metrics
+
+    if not metrics.available("mnist"):
+        pytest.skip("no shipped MNIST extractor")
+    cfg = TrainConfig(width=4, batch_size=8, steps=3, out=str(tmp_path / "r"), quiet=True,
+                      tensorboard=False, threads=1, fid_n=256, lip_every=0, layer_every=0,
+                      fid_every=0, fid_at_s=[1e-3, 1e-2, 1e6], measure_budget=1.0)  # fmt: skip
+    rows = runs.Run(gan.train(cfg)).read_metrics()
+    marked = [r for r in rows if r["fid"] is not None]
+    # both early marks passed before the first step's end: one FID serves them, labelled 0.01;
+    # then the end-of-run FID (fid_every 0), no mark
+    assert [(r["step"], r["fid_mark_s"]) for r in marked] == [(1, 1e-2), (3, None)]
+    off = runs.Run(gan.train(cfg.replace(out=str(tmp_path / "off"), fid_every=-1)))
+    assert all(r["fid"] is None for r in off.read_metrics())  # -1: no FID, marks neither
+    assert marked[0]["time_s"] >= 1e-2 and marked[0]["cpu_s"] > 0
+    import argparse
+
+    from lipgan.train.config import add_flags, from_args
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, TrainConfig)
+    got = from_args(parser.parse_args(["--fid-at-s", "120,60"]), TrainConfig).fid_at_s
+    assert got == [60.0, 120.0] and TrainConfig(fid_at_s=[120, "6e1"]).fid_at_s == got
+    assert from_args(parser.parse_args(["--fid-at-s", ""]), TrainConfig).fid_at_s == []
+    with pytest.raises(LipganError, match="fid_at_s"):
+        TrainConfig(fid_at_s=[-5])
+
+
+def test_lazy_penalty_every_k_critic_steps_with_weight_k(tiny):
+    from lipgan import data
+
+    images = data.load(tiny).train_images
+    t1 = GANTrainer(TrainConfig(dataset=tiny, width=4, batch_size=8, threads=1), images)
+    t2 = GANTrainer(TrainConfig(dataset=tiny, width=4, batch_size=8, threads=1,
+                                penalty_every=2), images)  # fmt: skip
+    real, fake = t1.batches.sample(8)[0], t1.make_fakes(t1.sample_z(8))
+    p1 = t1.critic_step(real, fake)["penalty"]
+    p2 = t2.critic_step(real, fake)["penalty"]  # critic step 0: penalized, weight 2
+    assert p1 > 0 and torch.allclose(p2, 2 * p1)
+    assert t2.critic_step(real, fake)["penalty"] == 0  # step 1: no penalty
+    assert t2.critic_step(real, fake)["penalty"] > 0  # step 2
+    with pytest.raises(LipganError, match="penalty_every"):
+        TrainConfig(penalty_every=0)
+
+
+def test_fast_recipe_is_named_recorded_and_resumes_bit_exactly(tiny, tmp_path):
+    fast = gan.resolve(TrainConfig(method="sn", recipe="fast"))
+    assert (fast.loss, fast.n_critic, fast.lr_d, fast.lr_g, fast.beta1, fast.beta2) == (
+        "hinge", 1, 4e-4, 1e-4, 0.0, 0.9)  # fmt: skip
+    assert fast.generator_norm == "batch" and fast.constraint == "spectral-norm"
+    paper = gan.resolve(TrainConfig(method="sn"))
+    assert (paper.recipe, paper.loss, paper.n_critic, paper.generator_norm) == (
+        "paper", "wasserstein", 5, "none")  # fmt: skip
+    assert gan.resolve(TrainConfig(method="sn", recipe="fast", lr_d=1e-3)).lr_d == 1e-3
+    with pytest.raises(LipganError, match="no fast recipe"):
+        gan.resolve(TrainConfig(method="wgan-clip", recipe="fast"))
+    with pytest.raises(LipganError, match="no norm option"):
+        gan.resolve(TrainConfig(method="sagan", generator_norm="batch"))
+    kw = dict(method="sn", recipe="fast", ema_rampup=0.2, checkpoint_every=3)
+    a = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "a"), steps=6, **kw))
+    b = str(tmp_path / "b")
+    gan.train(_cfg(tiny, tmp_path, out=b, steps=3, **kw))
+    gan.train(_cfg(tiny, tmp_path, out=b, steps=6, **kw), resume=True)
+    sa = torch.load(Path(a) / "checkpoints/last.pt", weights_only=True)
+    sb = torch.load(Path(b) / "checkpoints/last.pt", weights_only=True)
+    for key in ("generator", "critic"):
+        assert all(torch.equal(v, sb[key][k]) for k, v in sa[key].items()), key
+    assert all(torch.equal(v, sb["ema"]["module"][k]) for k, v in sa["ema"]["module"].items())
+    assert any("running_mean" in k for k in sa["generator"])  # the batch-norm generator
+    assert sa["ema"]["rampup"] == 0.2
+    written = yaml.safe_load((Path(a) / "config.yaml").read_text())
+    assert (written["recipe"], written["generator_norm"], written["penalty_every"]) == (
+        "fast", "batch", 1)  # fmt: skip
+    g = runs.load_network(a, "generator")  # the export rebuilds the batch-norm generator
+    assert any(isinstance(m, nn.BatchNorm2d) for m in g.modules())
+    with pytest.raises(LipganError, match="recipe"):
+        gan.train(_cfg(tiny, tmp_path, out=b, steps=7, method="sn"), resume=True)
+
+
+def test_finished_run_prints_a_summary_with_eval_and_report(tmp_path, capsys):
+    from lipgan import metrics
+    from lipgan.cli import main
+
+    if not metrics.available("mnist"):
+        pytest.skip("no shipped MNIST extractor")
+    out = tmp_path / "r"
+    argv = ["train", "--width", "4", "--batch-size", "8", "--steps", "2", "--out", str(out),
+            "--no-tensorboard", "--fid-every", "-1", "--threads", "1", "--layer-every", "0",
+            "--lip-every", "1", "--measure-budget", "1", "--summary-eval-n", "256",
+            "--summary-report"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "FID" in err and "(n 256, ema generator)" in err and "classes covered" in err
+    assert "max ||grad_x D||" in err and "points after training" in err and "W estimate" in err
+    assert f"samples: {out / 'samples' / 'last.png'}" in err
+    assert f"report:  {out / 'report.html'}" in err and (out / "report.html").is_file()
+    assert "measurement took" in err
+    assert json.loads((out / "eval.json").read_text())["generator"] == "ema"
+    m = runs.Run(out).read_status()["measurement"]
+    assert m["eval_after_training_s"] > 0
+    # resuming the finished run prints the summary again, training nothing
+    assert main(["train", "--resume", str(out), "--summary-eval-n", "0"]) == 0
+    again = capsys.readouterr().err
+    assert "summary of" in again and "FID" in again
+
+
+def test_resuming_a_missing_folder_creates_nothing(tiny, tmp_path):
+    with pytest.raises(LipganError, match="no such run folder"):
+        gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "nope")), resume=True)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_an_old_folder_without_cpu_s_resumes_with_its_rows_and_reports(tmp_path):
+    import shutil
+
+    from lipgan import report
+
+    run = tmp_path / "sn"
+    shutil.copytree(Path(__file__).parent / "data" / "v0.1.0" / "sn", run)
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "cpu_s" not in header  # written by lipgan 0.1.0
+    assert report.load_run(run).metrics  # reads as it is
+    cfg = {**runs.Run(run).read_config(), "steps": 4, "quiet": True, "out": str(run)}
+    gan.train(TrainConfig.from_dict(cfg), resume=True)
+    rows = runs.Run(run).read_metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the old rows kept
+    assert [r["cpu_s"] is None for r in rows] == [True, True, False, False]
+    assert report.load_run(run).metrics["cpu_s"] is not None

@@ -76,6 +76,35 @@ def test_dcgan28_is_the_wgan_gp_layout():
     assert sizes == [(2 * D, 8, 8), (D, 14, 14), (1, 28, 28)]  # 8 is cropped to 7 after
 
 
+def test_dcgan28_batch_norm_generator_normalizes_before_each_hidden_relu():
+    """norm="batch" (DCGAN, Radford et al. 2016): a batch norm over the channels (features, for
+    the linear layer) of the map each hidden ReLU acts on; the other layers as without it."""
+    from lipgan.errors import LipganError
+
+    D = 8
+    torch.manual_seed(0)
+    plain = models.build("generator", "dcgan28", width=D)
+    torch.manual_seed(0)
+    bn = models.build("generator", "dcgan28", width=D, norm="batch")
+    layers = list(bn)
+    for i, m in enumerate(layers):
+        if isinstance(m, nn.ReLU):
+            norm, prev = layers[i - 1], layers[i - 2]
+            assert isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d))
+            width = prev.out_features if isinstance(prev, nn.Linear) else prev.out_channels
+            assert norm.num_features == width
+    assert sum(isinstance(m, nn.ReLU) for m in layers) == 3
+    assert isinstance(layers[-1], nn.Tanh) and isinstance(layers[-2], nn.ConvTranspose2d)
+    same = [m for m in bn if not isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    assert [type(m) for m in same] == [type(m) for m in plain]  # the same layers, same init
+    for a, b in zip(plain.parameters(), (p for m in same for p in m.parameters())):
+        assert torch.equal(a, b)
+    bn.eval()
+    assert bn(torch.randn(3, 128)).shape == (3, 1, 28, 28)
+    with pytest.raises(LipganError, match="norm"):
+        models.build("generator", "dcgan28", width=D, norm="layer")
+
+
 def test_mlp_is_four_layers_of_512():
     d = models.build("critic", "mlp")
     g = models.build("generator", "mlp")

@@ -3,7 +3,8 @@
 Each model is a random program over a pool of feature maps (C x H x W): convolutions, Linear maps
 through flatten/unflatten, module and functional activations, scalings, residual additions,
 subtractions, concatenations (sliced or mixed back by a 1x1 conv), chunks, pooling followed by
-upsampling, BatchNorm in eval mode, and blocks nested in child modules. Truth (float64, from the
+upsampling, BatchNorm in eval mode, lipgan's GroupSort (MaxMin), functional sorts, and blocks nested
+in child modules. Truth (float64, from the
 model's own forward, never from lipgan): the dense Jacobian; for a purely linear graph it is the
 exact constant, for a ReLU graph the max of ||J(x)|| over random points is a lower bound of it.
 Every certified upper bound must be >= that truth (or lipgan raises LipganError), and the
@@ -20,6 +21,7 @@ from torch import nn
 from lipgan import lipschitz as L
 from lipgan.analysis.report import UnsoundBoundError
 from lipgan.errors import LipganError
+from lipgan.layers import GroupSort
 
 C, H = 2, 4
 OPS = [
@@ -39,6 +41,9 @@ OPS = [
     "bn",
     "nested",
     "neg",
+    "groupsort",
+    "sort",
+    "sort_px",
 ]
 LINEAR_OPS = {
     "conv",
@@ -102,6 +107,8 @@ class Program(nn.Module):
                 self.mods.append(Nested(act_nested))
             elif op == "relu":
                 self.mods.append(nn.ReLU())
+            elif op == "groupsort":  # lipgan's MaxMin over channels: a leaf of constant 1
+                self.mods.append(GroupSort(2))
             else:
                 self.mods.append(nn.Identity())
         self.head = nn.Linear(C * H * H, 3)
@@ -113,7 +120,7 @@ class Program(nn.Module):
             b = pool[self.srcs[i][1] % len(pool)]
             c = self.consts[i]
             m = self.mods[i]
-            if op in ("conv", "bn", "nested", "relu"):
+            if op in ("conv", "bn", "nested", "relu", "groupsort"):
                 y = m(a)
             elif op == "linear":
                 y = m(a.flatten(1)).view(a.shape[0], C, H, H)
@@ -135,6 +142,10 @@ class Program(nn.Module):
                 y = torch.cat([a, b], dim=1)[:, 1 : 1 + C]
             elif op == "cat_mix":
                 y = m(torch.cat([a, b], dim=1))
+            elif op == "sort":  # functional sort over channels, its values
+                y = torch.sort(a, dim=1).values
+            elif op == "sort_px":  # each channel's pixels sorted, as MaxMin-style code writes it
+                y = a.flatten(2).sort(dim=-1, descending=True)[0].view_as(a)
             elif op == "chunk":
                 y = torch.cat([a, b], dim=1).chunk(2, dim=1)[1]
             else:  # pool_up
@@ -190,13 +201,21 @@ def check(spec, linear: bool, points: int = 4):
     return rep
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("op", OPS)
+def test_every_kind_of_node_is_bounded_and_never_below_truth(op):
+    """Each op on the input, then again on its result with the input as second operand (x+x,
+    cat([x, x]), then a residual y op x): every kind on every run, whatever hypothesis draws."""
+    spec = ([op, op], [(0, 0), (1, 0)], [1.7, -0.6], True, 0)
+    assert check(spec, linear=op in LINEAR_OPS and op != "nested", points=4) is not None
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs(linear_only=True, max_ops=5))
 def test_linear_graphs_are_bounded_above_their_exact_norm(spec):
     check(spec, linear=True)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs(linear_only=False, max_ops=5))
 def test_piecewise_linear_graphs_are_bounded_above_attained_jacobians(spec):
     check(spec, linear=False)
@@ -219,3 +238,88 @@ def test_a_residual_graph_is_bounded_not_refused_and_never_below_truth():
         3,
     )
     assert check(spec, linear=False, points=8) is not None
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_groupsort_in_a_traced_residual_block_is_a_leaf_of_constant_one(group):
+    """lipgan's GroupSort (MaxMin for 2) inside a custom forward: an fx leaf bounded by 1."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(C, 4, 3, padding=1)
+            self.sort = GroupSort(group)
+            self.mix = nn.Conv2d(4, C, 1)
+
+        def forward(self, x):
+            return x + self.mix(self.sort(self.conv(x)))
+
+    torch.manual_seed(group)
+    model = nn.Sequential(Block(), nn.Flatten(), nn.Linear(C * H * H, 3)).double().eval()
+    rep = L.estimate(model, input_shape=(C, H, H), restarts=2, steps=2, lipsdp_iters=40)
+    (row,) = [r for r in rep.layers if r["type"] == "GroupSort"]
+    assert row["name"] == "0.sort" and row["constant"] == pytest.approx(1.0, rel=1e-9)
+    g = torch.Generator().manual_seed(1)
+    truth = max(jac_norm(model, torch.randn(C, H, H, generator=g, dtype=torch.float64))
+                for _ in range(8))  # fmt: skip
+    for name, up in rep.upper.items():
+        assert up >= truth * (1 - 1e-7), (name, up, truth)
+
+
+def test_groupsort_along_the_batch_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), GroupSort(2, dim=0), nn.Linear(4, 2))
+    with pytest.raises(LipganError, match=r"'1' \(GroupSort\).*batch"):
+        L.upper_bounds(model, (4,))
+
+
+@pytest.mark.parametrize(
+    "forward,why",
+    [
+        (lambda y: y + torch.sort(y, dim=1).indices.double(), "indices"),
+        (lambda y: torch.sort(y, dim=0).values, "batch"),
+    ],
+    ids=["indices", "batch"],
+)
+def test_sorts_that_are_not_lipschitz_per_sample_are_refused(forward, why):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return forward(self.a(x))
+
+    with pytest.raises(LipganError, match=rf"'sort = sort\(\.\.\.\).*{why}"):
+        L.upper_bounds(Model(), (4,))
+
+
+class PairSort(nn.Module):
+    """MaxMin written as other libraries write it: a group-size check on the shape (control flow
+    plain fx cannot trace), then max and min of each pair along a feature dimension."""
+
+    def forward(self, x):
+        if x.shape[1] % 2:
+            raise ValueError("an even number of channels, please")
+        g = x.view(x.shape[0], x.shape[1] // 2, 2, *x.shape[2:])
+        lo, hi = torch.min(g, 2, keepdim=True)[0], g.max(dim=2, keepdim=True).values
+        return torch.cat([lo, hi], 2).view(x.shape) + 0.5 * g.amax(dim=(1, 2)).unsqueeze(1)
+
+
+def test_shape_control_flow_is_traced_at_the_input_shape_and_bounded_soundly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), PairSort(), nn.Flatten(),
+                          nn.Linear(4 * H * H, 3)).double().eval()  # fmt: skip
+    rep = L.estimate(model, input_shape=(C, H, H), restarts=2, steps=2, lipsdp_iters=40)
+    g = torch.Generator().manual_seed(1)
+    truth = max(jac_norm(model, torch.randn(C, H, H, generator=g, dtype=torch.float64))
+                for _ in range(8))  # fmt: skip
+    for name, up in rep.upper.items():
+        assert up >= truth * (1 - 1e-7), (name, up, truth)
+
+    # control flow on values stays a refusal
+    class ByValue(nn.Module):
+        def forward(self, x):
+            return x if float(x.sum()) > 0 else -x
+
+    with pytest.raises(LipganError, match="cannot trace"):
+        L.upper_bounds(nn.Sequential(nn.Linear(4, 4), ByValue()), (4,))

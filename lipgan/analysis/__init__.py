@@ -3,7 +3,9 @@ composed along the computation graph, attained lower bounds, and the iterations 
 
 - ``operators``, ``conv``, ``activations``, ``iteration``: per-layer bounds (``layer_bound``);
 - ``leaves``: which module is which leaf, declared constants, the per-leaf consistency check;
-- ``graph``: torch.fx tracing and composition of bounds along the graph;
+- ``functional``: functional calls (``F.relu``, ``F.pad``, ...) as the modules that compute them;
+- ``tracing``: torch.fx tracing; ``nodes``: the leaf of one graph node;
+- ``graph``: composition of bounds along the graph;
 - ``chain``: merged segments and LipSDP partitions on a chain; ``lipsdp``: LipSDP-Neuron;
 - ``lower``: attained lower bounds; ``report``: ``layer_table``, ``upper_bounds``, ``estimate``.
 

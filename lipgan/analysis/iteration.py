@@ -44,9 +44,12 @@ __all__ = [
 #: after full reorthogonalization the rounding left in w is ~1e-15 ||M||, far below this.
 BREAKDOWN = 1e-10
 
+#: a symmetric (or any linear) operator given by its product with a vector
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
 
 def lanczos_extreme(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
+    matvec: MatVec,
     v0: torch.Tensor,
     n_iter: int = 300,
     tol: float = 1e-10,
@@ -117,7 +120,7 @@ def lanczos_extreme(
 
 
 def power_extreme(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
+    matvec: MatVec,
     v: torch.Tensor,
     n_iter: int,
     tol: float,

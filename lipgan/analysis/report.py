@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from lipgan.analysis.graph import graph_bounds, trace
 from lipgan.analysis.leaves import Leaf
 from lipgan.analysis.lower import lower_bounds
 from lipgan.errors import LipganError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["LipschitzReport", "UnsoundBoundError", "layer_table", "upper_bounds", "estimate"]
 
@@ -269,6 +273,18 @@ class LipschitzReport:
         return "\n".join(lines)
 
 
+class UpperOptions(TypedDict, total=False):
+    """The options of :func:`upper_bounds` that :func:`estimate` passes on."""
+
+    dense_limit: int
+    lipsdp: bool
+    lipsdp_width: int
+    lipsdp_iters: int
+    dense_flops: float
+    check: bool
+    lipsdp_time: float | None
+
+
 def estimate(
     model: nn.Module,
     x: torch.Tensor | None = None,
@@ -276,20 +292,17 @@ def estimate(
     lower: bool = True,
     restarts: int = 8,
     steps: int = 20,
-    dense_limit: int = 1024,
-    lipsdp: bool = True,
-    lipsdp_width: int = 512,
-    lipsdp_iters: int = 300,
-    dense_flops: float = 2e9,
     seed: int = 0,
-    lipsdp_time: float | None = None,
+    **upper_options: Unpack[UpperOptions],
 ) -> LipschitzReport:
     """Certified upper and attained lower bounds of the L2 Lipschitz constant, and their gap.
 
     ``model``: any module of one tensor input (B, *input_shape) and one tensor output, bounded
-    from its graph (see :func:`upper_bounds`). ``x``: (B, *input_shape) inputs where the lower
-    bounds start (random normal inputs when None). The model is analysed as a float64 copy in
-    eval mode (the model itself is untouched). ``lipsdp_time`` is accepted and ignored.
+    from its graph by :func:`upper_bounds` with ``upper_options`` (dense_limit, lipsdp,
+    lipsdp_width, lipsdp_iters, dense_flops, check; its defaults). ``x``: (B, *input_shape)
+    inputs where the lower bounds start (random normal inputs when None); ``restarts`` x
+    ``steps`` of gradient ascent (:func:`lipgan.analysis.lower.lower_bounds`). The model is
+    analysed as a float64 copy in eval mode (the model itself is untouched).
     """
     t0 = time.perf_counter()
     m = prepare(model)
@@ -297,17 +310,7 @@ def estimate(
         input_shape = tuple(x.shape[1:])
     shape = _infer_shape(m, input_shape)
     notes: list[str] = []
-    upper, layers = upper_bounds(
-        m,
-        shape,
-        dense_limit=dense_limit,
-        dense_flops=dense_flops,
-        lipsdp=lipsdp,
-        lipsdp_width=lipsdp_width,
-        lipsdp_iters=lipsdp_iters,
-        _prepared=True,
-        _notes=notes,
-    )
+    upper, layers = upper_bounds(m, shape, _prepared=True, _notes=notes, **upper_options)
     t1 = time.perf_counter()
     lo: dict[str, float] = {}
     if lower:

@@ -21,10 +21,14 @@ What the logged numbers mean
   if the critic is 1-Lipschitz: compare its trend within a run, not values across methods.
   gnorm_* are measured ||grad_x D(x)|| at real, fake and interpolated points: the critic's
   local Lipschitz constant (1 is the target). See docs/wgan.md.
+  time_s / cpu_s: wall and CPU seconds of the run (summed over resumes). Measurements
+  (gradient norms, layer tables, FID, grids, checkpoints) keep within --measure-budget of
+  the wall time (default 5 %; postponed, or skipped at the end); status.json says the share.
 
 Examples
   lipgan train --method wgan-gp --width 32 --steps 2000 --out runs/gp
   lipgan train --method sn --config my.yaml --lr-d 1e-4
+  lipgan train --method sn --recipe fast --width 32 --steps 1200 --summary-eval-n 10000
   lipgan train --resume runs/gp --steps 4000
   lipgan sample runs/gp --n 64 --out grid.png --interpolate
 """
@@ -58,6 +62,12 @@ def register(sub) -> None:
         help="rows of spherical interpolations between two random latents",
     )
     s.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    s.add_argument(
+        "--raw",
+        action="store_true",
+        help="a run folder's raw generator (the last iterate) instead of its moving average "
+        "generator_ema.safetensors (the default where the run keeps one)",
+    )
     s.set_defaults(func=_sample)
 
 
@@ -119,6 +129,7 @@ def _slerp(a, b, t):
 
 def _sample(args) -> int:
     import math
+    import sys
 
     import torch
 
@@ -132,7 +143,14 @@ def _sample(args) -> int:
     if args.nrow is not None:
         check_range("--nrow", args.nrow, 1, MAX_N)
     device = resolve_device(args.device)
-    g = runs.load_network(args.run, "generator").to(device)
+    source = Path(args.run)
+    ema = source / "generator_ema.safetensors"
+    if source.is_dir() and ema.is_file() and not args.raw:
+        # issue 19: the average samples better (Yazici et al. 2019); say which one this is
+        print(f"lipgan: sampling the EMA generator ({ema}); --raw for the last iterate",
+              file=sys.stderr)  # fmt: skip
+        source = ema
+    g = runs.load_network(source, "generator").to(device)
     z_dim = getattr(g, "z_dim", None)
     if z_dim is None:
         raise LipganError(f"{args.run}: the generator does not say its latent size (z_dim)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lipgan.errors import LipganError
 from lipgan.models import register
 
 
@@ -60,17 +61,33 @@ def _deconv(c_in: int, c_out: int) -> nn.ConvTranspose2d:
 
 
 @register("generator", "dcgan28")
-def generator(width: int = 64, z_dim: int = 128, channels: int = 1) -> Generator:
-    """WGAN-GP MNIST generator: ``(B, z_dim) -> (B, channels, 28, 28)``."""
+def generator(
+    width: int = 64, z_dim: int = 128, channels: int = 1, norm: str = "none"
+) -> Generator:
+    """WGAN-GP MNIST generator: ``(B, z_dim) -> (B, channels, 28, 28)``.
+
+    ``norm="batch"``: a batch norm before each hidden ReLU (BatchNorm1d on the linear layer's
+    features, BatchNorm2d on the feature maps), as DCGAN's generator (Radford et al. 2016); the
+    official WGAN-GP MNIST generator has none (``"none"``, the default).
+    """
+    if norm not in ("none", "batch"):
+        raise LipganError(f"dcgan28 generator norm must be 'none' or 'batch', not {norm!r}")
     d = int(width)
+
+    def bn(kind: type[nn.Module], n: int) -> list[nn.Module]:
+        return [kind(n)] if norm == "batch" else []
+
     return Generator(
         nn.Linear(z_dim, 4 * 4 * 4 * d),
+        *bn(nn.BatchNorm1d, 4 * 4 * 4 * d),
         nn.ReLU(),
         nn.Unflatten(1, (4 * d, 4, 4)),
         _deconv(4 * d, 2 * d),  # 4 -> 8
+        *bn(nn.BatchNorm2d, 2 * d),
         nn.ReLU(),
         Crop(7),  # 8 -> 7, as the official code
         _deconv(2 * d, d),  # 7 -> 14
+        *bn(nn.BatchNorm2d, d),
         nn.ReLU(),
         _deconv(d, channels),  # 14 -> 28
         nn.Tanh(),

@@ -259,6 +259,8 @@ def _flag_type(base: Any):
             value = int(value)
         if base is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if base is list and not isinstance(value, list):  # --fid-at-s 60,120 (or one value)
+            value = [parse_value(t) for t in str(text).split(",") if t.strip()]
         return value
 
     convert.__name__ = getattr(base, "__name__", "value")
@@ -340,6 +342,14 @@ class TrainConfig(Config):
         "autocast (gradient-penalty norms stay float32)", choices=("auto", "fp32", "bf16"),
     )  # fmt: skip
     out: str | None = option(None, "run folder (default runs/<method>-<model>-<time>)")
+    recipe: str = option(
+        "paper", "paper: the method's published settings; fast: lipgan's recipe for quality per "
+        "CPU second (lipgan.train.presets.FAST, docs/recipes.md)", choices=("paper", "fast"),
+    )  # fmt: skip
+    generator_norm: str | None = option(
+        None, "normalization in the generator before each hidden ReLU: none, or batch (DCGAN, "
+        "Radford et al. 2016); dcgan28 only", choices=("none", "batch"),
+    )  # fmt: skip
     # the method (preset values unless set)
     constraint: str | None = option(
         None, "Lipschitz method of the critic: a lipgan.constraints name, or comma-separated names"
@@ -361,6 +371,10 @@ class TrainConfig(Config):
     weight_decay: float | None = option(None, "critic weight decay, added to the constraint's own",
                                         low=0.0)  # fmt: skip
     n_critic: int | None = option(None, "critic steps per generator step", low=1, high=10_000)
+    penalty_every: int | None = option(
+        None, "lazy penalty (Karras et al. 2020): the constraint's penalty on every k-th critic "
+        "step only, weighted k (default 1: every step)", low=1, high=10_000,
+    )  # fmt: skip
     burnin_steps: int | None = option(
         None, "WGAN schedule: --burnin-n-critic critic steps for the first N generator steps",
         low=0,
@@ -389,9 +403,30 @@ class TrainConfig(Config):
     n_samples: int = option(64, "images in each sample grid", low=1, high=4096)
     ema: float = option(
         10_000.0, "half-life in training images of the generator's moving average, exported as "
-        "generator_ema.safetensors (0: none); StyleGAN2-ADA's ramp over the first 5%",
+        "generator_ema.safetensors (0: none); ramped up over the first --ema-rampup of training",
         low=0.0, high=1e12,
     )  # fmt: skip
+    ema_rampup: float = option(
+        0.05, "EMA ramp (StyleGAN2-ADA): half-life min(ema, ema_rampup * images seen); 0: no ramp "
+        "(docs/recipes.md: in short runs the ramp, not the half-life, sets the average)",
+        low=0.0, high=1.0,
+    )  # fmt: skip
+    fid_at_s: list = option(
+        [60.0, 120.0, 300.0, 600.0], "FID (EMA generator, --fid-n samples) when the run's wall "
+        "time passes each of these seconds, e.g. 60,120,300 (empty or --fid-every -1: none); "
+        "within the budget",
+    )  # fmt: skip
+    measure_budget: float = option(
+        0.05, "largest share of the run's wall time for measurements (gradient norms, layer "
+        "tables, FID, samples, checkpoints); a due one that would exceed it is postponed "
+        "(1: never postpone)", low=0.0, high=1.0,
+    )  # fmt: skip
+    summary_eval_n: int = option(
+        0, "after training: score N EMA samples with `lipgan eval`'s metrics, write eval.json "
+        "and print a summary (0: summary from the logs only)", low=0, high=MAX_SAMPLES,
+    )  # fmt: skip
+    summary_report: bool = option(False, "after training: write RUN/report.html (lipgan.report) "
+                                  "and name it in the summary")  # fmt: skip
     tensorboard: bool = option(True, "write TensorBoard events to RUN/tb")
     quiet: bool = option(False, "no progress bar")
     # robustness and speed
@@ -405,3 +440,14 @@ class TrainConfig(Config):
                            "constraint's needs_input_grad is false)")  # fmt: skip
     channels_last: bool | None = option(None, "channels-last memory format for the convolutions "
                                         "(default: on with bf16 on a CPU)")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        marks = []
+        for v in self.fid_at_s:
+            mark = _coerce("fid_at_s", v, float)
+            if not mark > 0:
+                raise LipganError(f"fid_at_s must hold seconds above 0, got {v!r}")
+            marks.append(mark)
+        object.__setattr__(self, "fid_at_s", sorted(set(marks)))
+

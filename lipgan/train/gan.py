@@ -86,6 +86,8 @@ class GANTrainer:
         self.shard: C.Shard | None = None
 
         self.gen_kwargs = {"width": cfg.width, "z_dim": cfg.z_dim}
+        if cfg.generator_norm != "none":  # only then: older checkpoints name no norm
+            self.gen_kwargs["norm"] = cfg.generator_norm
         self.critic_kwargs = {"width": cfg.width}
         self.generator = generator if generator is not None else self._build("generator")
         self.critic = critic if critic is not None else self._build("critic")
@@ -140,13 +142,16 @@ class GANTrainer:
             if not self.constraint.needs_input_grad:
                 self.d_forward = torch.compile(self.critic)
         #: a moving average of the generator's weights (cfg.ema > 0), never read by training
-        self.ema = GeneratorEMA(self.generator, cfg.ema) if cfg.ema else None
+        self.ema = self._new_ema() if cfg.ema else None
 
         self.batches = None
         if images is not None:
             self.batches = BatchSource(
                 images, generator=self.data_gen, scale="tanh", device=self.device
             )
+
+    def _new_ema(self) -> GeneratorEMA:
+        return GeneratorEMA(self.generator, self.cfg.ema, self.cfg.ema_rampup or None)
 
     @torch.no_grad()
     def _first_forward(self) -> None:
@@ -202,17 +207,25 @@ class GANTrainer:
 
         ``L_D = loss.critic(D(real), D(fake)) + penalty``; real and fake go through one forward
         over the concatenated batch (one pass instead of two; the critic has no batch statistics).
-        Returns detached scalars: wasserstein, loss_d (with penalty), penalty.
+        Lazy penalty (``penalty_every`` k > 1; Karras et al. 2020, StyleGAN2's lazy R1): the
+        penalty only on critic steps ``0, k, 2k, ...`` (counted over the run, so a resume keeps
+        the schedule) and weighted ``k``, the same penalty per critic step on average.
+        Returns detached scalars: wasserstein, loss_d (with penalty), penalty (as added).
         """
         b = real.shape[0]
+        k = int(self.cfg.penalty_every or 1)
         self.opt_d.zero_grad(set_to_none=True)
         with self.autocast():
             scores = self.d_forward(torch.cat([real, fake])).float()
             s_real, s_fake = scores[:b], scores[b:]
             loss = self.loss.critic(s_real, s_fake)
-            pen = self.constraint.penalty(
-                self.penalty_critic, real, fake, generator=self.penalty_gen, shard=self.shard
-            )
+            pen = None
+            if self.critic_steps % k == 0:
+                pen = self.constraint.penalty(
+                    self.penalty_critic, real, fake, generator=self.penalty_gen, shard=self.shard
+                )
+                if pen is not None and k > 1:
+                    pen = pen * k
         total = loss if pen is None else loss + pen.float()
         total.backward()
         self.opt_d.step()
@@ -275,14 +288,16 @@ class GANTrainer:
     # ---------------------------------------------------------------- measurements
     @isolated_rng()
     @torch.no_grad()
-    def sample(self, z: torch.Tensor) -> torch.Tensor:
-        """Samples ``(N, C, H, W)`` in eval mode (no BN statistics or SN iteration updated)."""
-        was = self.generator.training
-        self.generator.eval()
+    def sample(self, z: torch.Tensor, ema: bool = False) -> torch.Tensor:
+        """Samples ``(N, C, H, W)`` in eval mode (no BN statistics or SN iteration updated); with
+        ``ema`` from the generator's moving average where the run keeps one."""
+        g = self.ema.module if ema and self.ema is not None else self.generator
+        was = g.training
+        g.eval()
         try:
-            return torch.cat([self.generator(c).float() for c in z.split(256)])
+            return torch.cat([g(c).float() for c in z.split(256)])
         finally:
-            self.generator.train(was)
+            g.train(was)
 
     @isolated_rng()
     def gradient_norms(self, real: torch.Tensor, which=("real", "fake", "interp")) -> dict:
@@ -406,7 +421,7 @@ class GANTrainer:
             if self.ema is not None and "ema" in state:
                 self.ema.load_state_dict(state["ema"])
             elif self.ema is not None:  # a checkpoint without one: average from here on
-                self.ema = GeneratorEMA(self.generator, self.cfg.ema)
+                self.ema = self._new_ema()
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise LipganError(f"{source} does not fit this run's networks: {first}") from None

@@ -3,9 +3,11 @@
 :class:`Session` opens (or reopens) the folder, then :meth:`Session.run` calls the trainer's
 ``train_step`` and, after each step, small hooks, each for one concern and each only when its
 interval is due: the metrics row (losses, gradient norms, layer norms, FID), the sample grid, the
-checkpoint with the exports, and the progress bar. A non-finite loss stops the run or rolls it
-back. SIGINT and SIGTERM let the step in progress finish, write a checkpoint and mark the run
-resumable (status ``failed``, reason ``interrupted``) before the loop stops.
+checkpoint with the exports, and the progress bar. Measurements keep within ``measure_budget`` of
+the wall time (:mod:`lipgan.train.budget`): a due one that does not fit is postponed. A
+non-finite loss stops the run or rolls it back. SIGINT and SIGTERM let the step in progress
+finish, write a checkpoint and mark the run resumable (status ``failed``, reason
+``interrupted``) before the loop stops.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from lipgan import constraints as C
 from lipgan import data, metrics, runs
 from lipgan.errors import LipganError
+from lipgan.train.budget import Budget
 from lipgan.train.config import TrainConfig
 from lipgan.train.gan import GANTrainer
 from lipgan.train.presets import resolve
@@ -34,9 +37,13 @@ from lipgan.train.rng import isolated_rng
 
 #: Fields a resumed run keeps: changing one would make it another run (or relabel it).
 IDENTITY_FIELDS = (
-    "method", "model", "width", "z_dim", "dataset", "seed", "constraint", "constraint_options",
-    "generator_constraint", "generator_constraint_options", "loss", "optimizer",
+    "method", "recipe", "model", "generator_norm", "width", "z_dim", "dataset", "seed",
+    "constraint", "constraint_options", "generator_constraint", "generator_constraint_options",
+    "loss", "optimizer",
 )  # fmt: skip
+
+
+LOSS_KEYS = ("wasserstein", "loss_d", "penalty", "loss_g")
 
 
 class TimeLimitReached(LipganError):
@@ -95,7 +102,12 @@ def train(
     except BaseException:
         session.close()
         raise
-    return session.finish()
+    path = session.finish()
+    if session.trainer.step >= session.cfg.steps or session.ended:
+        from lipgan.train import summary
+
+        summary.after_training(session, stream=stream)
+    return path
 
 
 def _params_finite(trainer: GANTrainer) -> bool:
@@ -129,7 +141,7 @@ class Session:
             cfg = cfg.replace(out=default_out(cfg))
         run = runs.RunFolder(cfg.out)
         try:
-            trainer, wall0 = self._open(run, cfg, resume, constraint, images)
+            trainer, wall0, budget = self._open(run, cfg, resume, constraint, images)
         except BaseException:
             run.close()  # the lock, when a check refused the run
             raise
@@ -149,6 +161,11 @@ class Session:
         )  # fmt: skip
         self.t_start = time.perf_counter()
         self.wall0 = wall0  # wall time of earlier segments (resume)
+        self.budget = budget
+        self.pending: dict[str, int] = {}  # postponed measurements: kind -> step first due
+        # FID marks still ahead (those an earlier segment passed were taken, or were lost
+        # with the rows past its checkpoint: truncate_logs)
+        self.marks = [m for m in cfg.fid_at_s if m > wall0]
         self.ended = False  # the last step was the run's end (steps reached or time limit)
         if trainer.step == 0:
             self._checkpoint(keep=False)  # rollback target before any step
@@ -157,7 +174,7 @@ class Session:
         self.layer_error: str | None = None  # why the layer analysis is off for this run
         self.fid_error: str | None = None  # why FID is off for this run
         self.signal: int | None = None  # SIGINT/SIGTERM received: stop after this step
-        run.write_status("running", trainer.step, cfg.steps, self.wall())
+        self._status("running")
         self.w_ema: float | None = None
         self.t_log, self.step_log = time.perf_counter(), trainer.step
 
@@ -168,11 +185,13 @@ class Session:
         resume: bool,
         constraint: C.Constraint | None,
         images: torch.Tensor | None,
-    ) -> tuple[GANTrainer, float]:
+    ) -> tuple[GANTrainer, float, Budget]:
         """Check everything (config, checkpoint, resume overrides), then open the folder; the
-        trainer (state loaded) and the wall time of earlier segments."""
+        trainer (state loaded), the wall time of earlier segments and the measurement budget."""
         state = None
         if resume:
+            if not run.path.is_dir():  # before the lock, which would create the folder
+                raise LipganError(f"{run.path}: no such run folder to resume")
             run.lock()  # one writer: taken before anything is read
             if not run.config_path.is_file() and not run.last_checkpoint.is_file():
                 raise LipganError(f"{run.path}: no checkpoints/last.pt to resume from")
@@ -189,9 +208,12 @@ class Session:
             images = data.load(cfg.dataset, data_dir=cfg.data_dir).train_images
         trainer = GANTrainer(cfg, images, constraint=constraint)
         wall0 = 0.0
+        budget = Budget(cfg.measure_budget)
         if state is not None:
             trainer.load_state_dict(state, source=str(run.last_checkpoint))
             wall0 = float(state.get("wall_s", 0.0))
+            if "timing" in state:  # older checkpoints have none: their clocks start at 0
+                budget.load_state_dict(state["timing"], source=str(run.last_checkpoint))
             if cfg.steps < trainer.step:
                 raise LipganError(
                     f"{run.path} is already at generator step {trainer.step}; --steps "
@@ -213,7 +235,7 @@ class Session:
                 run.write_exports(self._exports(trainer))
         else:
             run.create(cfg.to_dict())
-        return trainer, wall0
+        return trainer, wall0, budget
 
     @property
     def path(self) -> Path:
@@ -228,7 +250,12 @@ class Session:
         try:
             with self._signals():
                 while self.trainer.step < until and not self.ended:
-                    self._after_step(self.trainer.train_step())
+                    with self.budget.training():
+                        out = self.trainer.train_step()
+                        # read inside the clock: on a GPU this waits for the step's kernels
+                        vals = [out[k] for k in ("wasserstein", "loss_d", "penalty", "loss_g")]
+                        losses = dict(zip(LOSS_KEYS, torch.stack(vals).tolist()))
+                    self._after_step(losses)
                     if self.signal is not None:
                         self._stop_on_signal()
         except KeyboardInterrupt:
@@ -236,10 +263,8 @@ class Session:
             raise
 
     # ---------------------------------------------------------------- after each step
-    def _after_step(self, out: dict) -> None:
+    def _after_step(self, losses: dict[str, float]) -> None:
         cfg, step = self.cfg, self.trainer.step
-        vals = torch.stack([out["wasserstein"], out["loss_d"], out["penalty"], out["loss_g"]])
-        losses = dict(zip(("wasserstein", "loss_d", "penalty", "loss_g"), vals.tolist()))
         if not all(math.isfinite(v) for v in losses.values()):
             self._non_finite(step, losses)
             return
@@ -254,29 +279,95 @@ class Session:
         row: dict[str, Any] = {}
         if due(cfg.log_every):
             self._log_losses(step, losses, row)
-        if due(cfg.lip_every):
-            self._log_gradient_norms(row)
-        if due(cfg.layer_every):
-            self._log_layer_norms(step, row)
+        for kind, every in (("gradient_norms", cfg.lip_every), ("layers", cfg.layer_every),
+                            ("samples", cfg.sample_every)):  # fmt: skip
+            if due(every) or (kind == "samples" and end):
+                self._due(kind, step)
         if cfg.fid_every >= 0 and (due(cfg.fid_every) or end):
-            self._log_fid(row)
+            self._due("fid", step)
+        marks = cfg.fid_every >= 0 and self.marks  # --fid-every -1: no FID at all
+        if marks and self.wall() >= self.marks[0] and "fid_mark" not in self.pending:
+            self._due("fid_mark", step)
+        self._measure(step, row, end)
         if row:
             self._write_row(step, row)
-        if due(cfg.sample_every) or end:
-            self.run_dir.save_samples(step, self.trainer.sample(self.fixed_z))
         keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
         if due(cfg.checkpoint_every) or keep or end:
             if _params_finite(self.trainer):
-                self._checkpoint(keep=keep)
+                self._checkpoint(keep=keep)  # never postponed: a kill or a resume needs it
                 self.last_good = step
             self._status("running")
         self.progress.set_postfix_str(f"W {self.w_ema:+.4f}", refresh=False)
         self.progress.update(step - self.progress.n)
 
+    def _due(self, kind: str, step: int) -> None:
+        """``kind`` is due at ``step``; one still pending from earlier absorbs it (counted as
+        postponed: the budget dropped that measurement)."""
+        if kind in self.pending:
+            self.budget.postponed["fid" if kind == "fid_mark" else kind] += 1
+        else:
+            self.pending[kind] = step
+
+    def _measure(self, step: int, row: dict, end: bool) -> None:
+        """Take the pending measurements that fit the budget (the sample grid at the end in any
+        case); at the end, skip the rest and count them."""
+        budget, wall = self.budget, self.wall()
+        if ("fid" in self.pending or "fid_mark" in self.pending) and "fid" not in budget.cost:
+            self._probe_fid()
+        skipped: set[str] = set()
+        for kind in ("samples", "fid", "fid_mark", "gradient_norms", "layers"):
+            if kind not in self.pending:
+                continue
+            clock = "fid" if kind == "fid_mark" else kind
+            forced = kind == "samples" and end
+            if not (forced or budget.fits(clock, wall)):
+                if self.pending[kind] == step:  # first due now: count the decision once
+                    budget.postponed[clock] += 1
+                if end:
+                    del self.pending[kind]
+                    if not (kind == "fid_mark" and "fid" in skipped):  # one FID, counted once
+                        budget.skipped[clock] += 1
+                    skipped.add(kind)
+                continue
+            del self.pending[kind]
+            if kind in ("fid", "fid_mark") and "fid" in row:
+                continue  # one FID serves both at this step
+            with budget.measuring(clock):
+                if kind == "samples":
+                    self.run_dir.save_samples(step, self.trainer.sample(self.fixed_z, ema=True))
+                elif kind == "gradient_norms":
+                    self._log_gradient_norms(row)
+                elif kind == "layers":
+                    self._log_layer_norms(step, row)
+                else:
+                    self._log_fid(row)
+            if kind in ("fid", "fid_mark"):
+                passed = [m for m in self.marks if m <= self.wall()]
+                if passed:
+                    row["fid_mark_s"] = passed[-1]
+                    self.marks = self.marks[len(passed):]
+                self.pending.pop("fid", None)
+                self.pending.pop("fid_mark", None)
+            wall = self.wall()
+
+    @isolated_rng()
+    def _probe_fid(self) -> None:
+        """The first FID's cost estimate: the whole FID on 256 EMA samples, scaled to ``fid_n``
+        with a margin (the safe side of the budget). None for ``fid_n <= 256``: that FID is as
+        cheap as its probe."""
+        cfg, trainer, n = self.cfg, self.trainer, 256
+        if cfg.fid_n <= n or self.fid_error is not None or not metrics.available(cfg.dataset):
+            return
+        # x1.5: measured under load, the 2000-sample FID took up to 1.4x its scaled probe
+        with self.budget.probe("fid", 1.5 * cfg.fid_n / n):
+            z = trainer.sample_z(n, torch.Generator(trainer.device).manual_seed(cfg.seed + 5))
+            metrics.fid(trainer.sample(z, ema=True).cpu(), dataset=cfg.dataset, n=n)
+
     def _log_losses(self, step: int, losses: dict[str, float], row: dict) -> None:
         now = time.perf_counter()
         ms = 1000 * (now - self.t_log) / max(step - self.step_log, 1)
-        row.update(step=step, time_s=round(self.wall(), 3), **losses, ms_per_step=round(ms, 2))
+        row.update(step=step, time_s=round(self.wall(), 3), cpu_s=round(self.budget.cpu(), 3),
+                   **losses, ms_per_step=round(ms, 2))  # fmt: skip
         self.t_log, self.step_log = now, step
         gn = self.trainer.constraint.last_grad_norm
         if gn is not None:  # reuse the penalty's own gradients at the interpolates
@@ -309,8 +400,9 @@ class Session:
         if self.fid_error is not None or not metrics.available(cfg.dataset):
             return
         z = trainer.sample_z(cfg.fid_n, trainer.measure_gen)
-        try:
-            row["fid"] = metrics.fid(trainer.sample(z).cpu(), dataset=cfg.dataset, n=cfg.fid_n)
+        try:  # the moving average where the run keeps one (issue 19), as eval and compare
+            x = trainer.sample(z, ema=True).cpu()
+            row["fid"] = metrics.fid(x, dataset=cfg.dataset, n=cfg.fid_n)
         except LipganError as exc:  # e.g. more samples asked for than the reference set has
             self.fid_error = str(exc)
             self._say(f"no FID for this run: {exc}")
@@ -318,6 +410,7 @@ class Session:
     def _write_row(self, step: int, row: dict) -> None:
         row = {"step": step, **row}
         row.setdefault("time_s", round(self.wall(), 3))
+        row.setdefault("cpu_s", round(self.budget.cpu(), 3))
         self.run_dir.log_metrics(row)
         if self.tb is not None:
             for k, v in row.items():
@@ -332,8 +425,12 @@ class Session:
             "critic": runs.Export(trainer.critic, model, dict(trainer.critic_kwargs)),
         }
 
-    @isolated_rng()
     def _checkpoint(self, keep: bool) -> None:
+        with self.budget.measuring("checkpoint"):
+            self._write_checkpoint(keep)
+
+    @isolated_rng()
+    def _write_checkpoint(self, keep: bool) -> None:
         """The exports, then ``last.pt`` naming them (RunFolder.save_checkpoint's order): a kill
         between the two leaves the older checkpoint, and its resume rewrites the exports."""
         trainer, run = self.trainer, self.run_dir
@@ -342,6 +439,7 @@ class Session:
             runs.export_network(trainer.ema.module, path, "generator", trainer.cfg.model, kwargs)
         state = trainer.state_dict()
         state["wall_s"] = self.wall()
+        state["timing"] = self.budget.state_dict()
         state["config"] = self.cfg.to_dict()
         run.save_checkpoint(state, self._exports(trainer), keep=keep)
 
@@ -365,7 +463,7 @@ class Session:
             f"{losses['loss_d']}, loss_g {losses['loss_g']}); last good checkpoint: {ckpt} (step "
             f"{self.last_good}). Resume with --on-nan rollback or lower learning rates"
         )
-        self.run_dir.write_status("failed", step, cfg.steps, self.wall(), reason)
+        self._status("failed", reason)
         raise NonFiniteLoss(reason)
 
     # ---------------------------------------------------------------- signals and status
@@ -400,8 +498,17 @@ class Session:
         self._status("failed", "interrupted")
         raise KeyboardInterrupt
 
-    def _status(self, state: str, reason: str | None = None) -> None:
-        self.run_dir.write_status(state, self.trainer.step, self.cfg.steps, self.wall(), reason)
+    def record_eval(self, seconds: float) -> None:
+        """Record the evaluation after training (summary) in status.json, beside the budget."""
+        self.budget.eval_s = float(seconds)
+        self._status("done", wall=self.wall_end)
+
+    def _status(self, state: str, reason: str | None = None, wall: float | None = None) -> None:
+        wall = self.wall() if wall is None else wall
+        self.run_dir.write_status(
+            state, self.trainer.step, self.cfg.steps, wall, reason,
+            extra={"cpu_s": round(self.budget.cpu(), 3), "measurement": self.budget.report(wall)},
+        )  # fmt: skip
 
     def _say(self, msg: str) -> None:
         if not self.cfg.quiet:
@@ -418,6 +525,8 @@ class Session:
         """Mark the run done when it reached ``cfg.steps`` or its time limit, then close it
         (the folder's lock is given back); returns the run folder."""
         if self.trainer.step >= self.cfg.steps or self.ended:
-            self._status("done")
+            self.wall_end = self.wall()
+            self._status("done", wall=self.wall_end)
+            self._say(self.budget.line(self.wall_end))
         self.close()
         return self.path

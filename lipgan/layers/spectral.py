@@ -1,13 +1,8 @@
-"""Layer-level building blocks of the Lipschitz methods.
+"""Spectral normalization as a parametrization: ``W -> W / sigma(W)``.
 
-- :class:`SpectralNormParametrization` and :func:`spectral_norm`: ``W -> W / sigma(W)`` as a
-  ``torch.nn.utils.parametrize`` parametrization, with sigma either the reshaped-kernel norm of
-  SN-GAN (Miyato et al. 2018) or the layer's true operator norm (power iteration on the conv
-  operator itself). The power-iteration vectors ``u`` and ``v`` are buffers (in the state_dict).
-- :func:`bjorck_orthonormalize`, :class:`BjorckOrthonormal` and :class:`BjorckLinear`: weights
-  made orthonormal by Björck iterations (Anil, Lucas & Grosse 2019, "Sorting out Lipschitz
-  function approximation").
-- :class:`GroupSort`: the gradient-norm-preserving activation of the same paper.
+sigma is either the reshaped-kernel norm of SN-GAN (Miyato et al. 2018) or the layer's true
+operator norm (power iteration on the conv operator itself); the power-iteration vectors ``u``
+and ``v`` are buffers (in the state_dict).
 """
 
 from __future__ import annotations
@@ -19,35 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lipgan.errors import LipganError
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-#: layers whose ``weight`` the methods constrain
-WEIGHT_LAYERS = (nn.Linear, *_CONV, *_CONV_T)
-
-
-def weight_layers(module: nn.Module) -> list[nn.Module]:
-    """Every Linear, Conv and ConvTranspose layer of ``module`` (``module`` itself included)."""
-    return [m for m in module.modules() if isinstance(m, WEIGHT_LAYERS)]
-
-
-def reshaped_weight(weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """The kernel as the matrix SN-GAN normalizes: ``(c_out, c_in/groups * prod(k))``.
-
-    ConvTranspose stores its kernel as ``(c_in, c_out/groups, *k)``; its output channels are the
-    second dimension, as in torch's own spectral norm (``dim=1``).
-    """
-    if isinstance(layer, _CONV_T):
-        weight = weight.transpose(0, 1)
-    return weight.reshape(weight.shape[0], -1)
-
-
-def _unit(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x / x.norm().clamp_min(eps)
-
-
-# --------------------------------------------------------------------------------------------
-# Spectral normalization
+from lipgan.layers.weights import _CONV_T, WEIGHT_LAYERS, _unit, reshaped_weight
 
 
 class SpectralNormParametrization(nn.Module):
@@ -145,6 +112,17 @@ class SpectralNormParametrization(nn.Module):
     def mark_stale(self) -> None:
         """Let the next training-mode forward advance the power iteration."""
         self._stale = True
+
+    def resume_state(self) -> dict:
+        """What a checkpoint needs beyond ``state_dict()`` to resume bit-exactly: whether the
+        next training-mode forward iterates (a fresh parametrization always does)."""
+        return {"stale": bool(self._stale)}
+
+    def load_resume_state(self, state: dict, weight: torch.Tensor) -> None:
+        """Restore :meth:`resume_state`; ``weight`` is the just-loaded original weight, whose
+        current version counts as seen (loading it is not a training change)."""
+        self._stale = bool(state.get("stale", True))
+        self._seen_version = weight._version
 
     def _learn_input_shape(self, layer: nn.Module, args: tuple) -> None:
         shape = tuple(args[0].shape[-3:])
@@ -471,139 +449,3 @@ def converge_spectral_norms(
 def spectral_norm_parametrizations(module: nn.Module) -> list[SpectralNormParametrization]:
     """The spectral-norm parametrizations inside ``module``."""
     return [m for m in module.modules() if isinstance(m, SpectralNormParametrization)]
-
-
-# --------------------------------------------------------------------------------------------
-# Björck orthonormalization and GroupSort (Anil, Lucas & Grosse 2019)
-
-
-def _safe_scale(weight: torch.Tensor) -> torch.Tensor:
-    """An upper bound on sigma(W): min(||W||_F, sqrt(||W||_1 ||W||_inf)).
-
-    Dividing by it puts every singular value in (0, 1]; the order-1 Björck map
-    s -> (1 + b) s - b s^3 (b = 1/2) is increasing on [0, 1] and fixes 1, so every iterate keeps
-    its singular values in (0, 1]: the layer is at most 1-Lipschitz after any number of steps.
-    """
-    fro = weight.norm()
-    one = weight.abs().sum(0).max()
-    inf = weight.abs().sum(1).max()
-    return torch.minimum(fro, (one * inf).sqrt()).clamp_min(1e-12)
-
-
-def bjorck_orthonormalize(weight: torch.Tensor, iters: int = 20, beta: float = 0.5) -> torch.Tensor:
-    """Björck & Bowie (1971) order-1 iteration ``W <- (1 + beta) W - beta W W^T W``.
-
-    ``weight``: ``(m, n)``; returns the nearest (semi-)orthonormal matrix's approximation, all
-    singular values in (0, 1] and tending to 1. Differentiable. Works on the smaller Gram
-    matrix (``m x m`` or ``n x n``).
-    """
-    w = weight / _safe_scale(weight)
-    rows = w.shape[0] <= w.shape[1]
-    for _ in range(iters):
-        if rows:
-            w = (1 + beta) * w - beta * (w @ w.t()) @ w
-        else:
-            w = (1 + beta) * w - beta * w @ (w.t() @ w)
-    return w
-
-
-class BjorckOrthonormal(nn.Module):
-    """Parametrization ``W -> bjorck_orthonormalize(W)`` for a Linear weight ``(out, in)``.
-
-    Defaults beta 0.5, 20 iterations, order 1: Anil et al.'s LNets ``BjorckLinear``. The same
-    number of iterations runs in train and eval mode, so the critic is one function.
-    """
-
-    def __init__(self, iters: int = 20, beta: float = 0.5) -> None:
-        super().__init__()
-        if iters < 1:
-            raise LipganError("Björck needs at least one iteration")
-        if not 0 < beta <= 0.5:
-            raise LipganError("Björck beta must lie in (0, 0.5] for the iteration to converge")
-        self.iters = iters
-        self.beta = beta
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=weight.device.type, enabled=False):
-            w = bjorck_orthonormalize(weight.float(), self.iters, self.beta)
-        return w.to(weight.dtype)
-
-    def extra_repr(self) -> str:
-        return f"iters={self.iters}, beta={self.beta}"
-
-
-class BjorckLinear(nn.Linear):
-    """A Linear layer whose weight is Björck-orthonormalized at every use: ``||W||_2 <= 1``.
-
-    ``x (..., in) -> x W^T + b`` with ``W`` (semi-)orthonormal, so the layer is 1-Lipschitz and
-    (for ``out >= in``) preserves gradient norms.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        iters: int = 20,
-        beta: float = 0.5,
-    ) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        # orthogonal init: the iteration starts at its fixed point (LNets does the same)
-        nn.init.orthogonal_(self.weight)
-        parametrize.register_parametrization(self, "weight", BjorckOrthonormal(iters, beta))
-
-
-class GroupSort(nn.Module):
-    """Sort each group of ``group_size`` consecutive channels (along ``dim``), ascending.
-
-    ``(B, C, ...) -> (B, C, ...)``, ``C`` a multiple of ``group_size``. The map is a
-    data-dependent permutation, continuous at ties: 1-Lipschitz in the L2 norm (sorting never
-    increases ``||x - y||``) and gradient-norm preserving (its Jacobian is a permutation almost
-    everywhere). ``group_size=2`` is MaxMin, the variant Anil et al. (2019) use for most
-    experiments. ``dim`` should be a feature dimension: along the batch (0) the map still is
-    1-Lipschitz on the whole batch, but it mixes samples, so it is not a per-sample function.
-    """
-
-    def __init__(self, group_size: int = 2, dim: int = 1) -> None:
-        super().__init__()
-        if group_size < 2:
-            raise LipganError("GroupSort group_size must be at least 2")
-        self.group_size = group_size
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dim = self.dim % x.dim()
-        c = x.shape[dim]
-        if c % self.group_size:
-            raise LipganError(
-                f"GroupSort({self.group_size}) needs a channel count divisible by "
-                f"{self.group_size}; got {c} channels (change the layer width)"
-            )
-        shape = (*x.shape[:dim], c // self.group_size, self.group_size, *x.shape[dim + 1 :])
-        g = x.reshape(shape)
-        if self.group_size == 2:
-            a, b = g.unbind(dim + 1)
-            # max/min is cheaper than a sort, and its gradient is the same permutation
-            out = torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim + 1)
-        else:
-            out = g.sort(dim=dim + 1).values
-        return out.reshape(x.shape)
-
-    def extra_repr(self) -> str:
-        return f"group_size={self.group_size}, dim={self.dim}"
-
-
-def groupsort_activations(module: nn.Module, group_size: int = 2) -> int:
-    """Replace every ReLU-like activation module in ``module`` by :class:`GroupSort`.
-
-    Returns the number replaced. Output squashers (Tanh, Sigmoid) are left alone; activations
-    called functionally inside ``forward`` cannot be found and stay as they are.
-    """
-    kinds = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.PReLU, nn.CELU, nn.SELU)
-    count = 0
-    for parent in module.modules():
-        for name, child in list(parent.named_children()):
-            if isinstance(child, kinds):
-                setattr(parent, name, GroupSort(group_size))
-                count += 1
-    return count
