@@ -62,7 +62,7 @@ def _parametrization_state(module: nn.Module) -> dict:
     """Whether each spectral-norm parametrization of ``module`` must iterate at its next training
     forward (not in ``module.state_dict()``; a fresh one always iterates, so without it a
     resume would add one power-iteration step)."""
-    flags = [bool(p._stale) for p in _layers.spectral_norm_parametrizations(module)]
+    flags = [p.resume_state()["stale"] for p in _layers.spectral_norm_parametrizations(module)]
     return {"stale": flags} if flags else {}
 
 
@@ -72,9 +72,8 @@ def _load_parametrization_state(module: nn.Module, state: dict) -> None:
         plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
         for p in plist or []:
             if isinstance(p, _layers.SpectralNormParametrization):
-                p._stale = next(flags, True)
                 # the weights were just loaded: their current version counts as seen
-                p._seen_version = plist.original._version
+                p.load_resume_state({"stale": next(flags, True)}, plist.original)
 
 
 class Constraint:
