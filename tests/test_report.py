@@ -318,7 +318,9 @@ def test_hand_edited_run_folders_give_one_line_errors_or_empty_cells(tmp_path, c
 # ------------------------------------------------------------------ variants, time to quality
 
 #: metrics.csv as runs write it since cpu_s and fid_mark_s exist (older folders lack both)
-NEW_COLUMNS = (*COLUMNS, "cpu_s", "fid_mark_s")
+NEW_COLUMNS = (*COLUMNS, *(c for c in ("cpu_s", "fid_mark_s") if c not in COLUMNS))
+#: ... and as runs wrote it before
+OLD_COLUMNS = tuple(c for c in COLUMNS if c not in ("cpu_s", "fid_mark_s"))
 
 
 def _fid_rows(times, fids, cpu=None, marks=None) -> list[dict]:
@@ -370,7 +372,9 @@ def test_fid_at_time_marks(tmp_path):
     assert report.fid_at(run, 10.0) is None  # before the first FID
     old = report.load_run(make_run(  # no fid_mark_s column: interpolated between rows
         tmp_path / "b", "sn", 0, rows=_fid_rows([100.0, 200.0], [500.0, 300.0]),
+        columns=OLD_COLUMNS,
     ))  # fmt: skip
+    assert "fid_mark_s" not in old.metrics
     assert report.fid_at(old, 120.0) == pytest.approx(500.0 - 0.2 * 200.0)
     assert report.run_row(old)["fid_2m"] == pytest.approx(460.0)
     assert report.run_row(old)["fid_1m"] is None
@@ -405,7 +409,9 @@ def test_pooled_curve_is_mean_and_std_over_seeds(tmp_path):
     assert std == pytest.approx([statistics.stdev([x, y]) for x, y in zip(a, b)])
     t, mean, _ = report.pooled_curve(runs, "cpu_s")
     assert t[0] == 29.0 and t[-1] == 59.0
-    old = report.load_run(make_run(tmp_path / "c", "sn", 0, rows=_fid_rows([1.0, 2.0], [5, 4])))
+    rows = _fid_rows([1.0, 2.0], [5, 4])
+    old = report.load_run(make_run(tmp_path / "c", "sn", 0, rows=rows, columns=OLD_COLUMNS))
+    assert "cpu_s" not in old.metrics
     assert report.pooled_curve([old], "cpu_s") is None  # written before cpu_s existed
 
 
