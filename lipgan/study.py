@@ -132,6 +132,11 @@ def run_study(
     """
     out = Path(study.out)
     cells = study.cells()
+    if study.jobs > 1:
+        from lipgan.constraints import base
+        from lipgan.train.classifier_config import preset
+
+        base.check_for_workers(preset(reg).constraint for reg in study.regs)
     out.mkdir(parents=True, exist_ok=True)
     done = [c for c in cells if _finished(c)]
     todo = done if reevaluate else [c for c in cells if not _finished(c)]
@@ -444,7 +449,8 @@ def _plots(out: Path, rows: list[dict], agg: list[dict]) -> list[str]:
         ax.set_xlabel("strength λ")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # a grid of methods without strengths: none
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "acc_vs_lambda.png", dpi=110)
     plt.close(fig)

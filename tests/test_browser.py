@@ -1,18 +1,23 @@
 """Acceptance: the report of two tiny real training runs, opened in headless Chromium.
 
 Checks that the page logs no console error, that every image decodes (``complete`` and
-``naturalWidth > 0``), that the tables are there, and saves a screenshot to the test-artifacts
-folder. Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/system_deps.sh`` installs
-them); skipped with the reason when they are missing.
+``naturalWidth > 0``), that the tables are there, and looks at Chromium's own screenshots (with
+Pillow): the page is not blank, no plot has ink on its outer edge (a legend or label cut off by
+the figure's border, as the Lipschitz plot's legend once was), and each sample grid is shown at
+twice its pixels. The screenshots go to the test-artifacts folder. Needs Debian's
+``chromium`` and ``chromium-driver`` (``scripts/system_deps.sh`` installs them); skipped with
+the reason when they are missing.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
@@ -83,6 +88,7 @@ def two_runs(tmp_path_factory):
             argv = ["train", "--method", method, "--steps", "3", "--width", "8", "--out", str(out)]
             argv += ["--batch-size", "16", "--seed", "0", "--device", "cpu", "--quiet"]
             argv += ["--threads", "1", "--fid-n", "128", "--no-tensorboard"]
+            argv += ["--measure-budget", "1"]  # 3 steps: the end-of-run FID is never postponed
             assert main(argv) == 0, f"lipgan train failed for {method}"
             paths.append(out)
     finally:
@@ -116,20 +122,69 @@ def _inspect(driver, page: Path) -> dict:
     }
 
 
+def _pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.int16)
+
+
+def _edge_ink(png: bytes, width: int = 2, ink: int = 200) -> int:
+    """Dark pixels (grey level below ``ink``) in the outer ``width`` pixels of a screenshot of
+    a plot: 0 when every legend, label and tick lies inside the figure."""
+    a = _pixels(png)
+    edge = np.ones(a.shape, dtype=bool)
+    edge[width:-width, width:-width] = False
+    return int(((a < ink) & edge).sum())
+
+
+def _shots(driver, selector: str) -> list[dict]:
+    """Chromium's screenshot of each element matching ``selector``, with its size on screen
+    and its image's own size."""
+    from selenium.webdriver.common.by import By
+
+    out = []
+    for el in driver.find_elements(By.CSS_SELECTOR, selector):
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", el)
+        w, h, nw, nh = driver.execute_script(
+            "const r = arguments[0].getBoundingClientRect();"
+            "return [r.width, r.height, arguments[0].naturalWidth, arguments[0].naturalHeight];",
+            el,
+        )
+        out.append({"alt": el.get_attribute("alt"), "png": el.screenshot_as_png,
+                    "shown": (w, h), "natural": (nw, nh)})  # fmt: skip
+    return out
+
+
 def test_report_in_headless_chromium(driver, two_runs, tmp_path, artifacts_dir):
     from lipgan import report
 
+    for run in map(report.load_run, two_runs):  # the time-to-quality plot has points to show
+        assert np.isfinite(run.column("fid")).any() and np.isfinite(run.column("cpu_s")).any()
     page = report.build_report(two_runs, tmp_path / "report.html")
     seen = _inspect(driver, page)
     assert "lipgan" in seen["title"]
-    assert len(seen["images"]) == 3 + len(two_runs)  # three plots, one sample grid per run
+    assert len(seen["images"]) == 4 + len(two_runs)  # four plots, one sample grid per run
     assert not seen["broken"], f"images that did not load: {seen['broken']}"
-    assert seen["tables"] == {"summary": 2, "cost": 2, "runs": 2}
+    assert seen["tables"] == {"summary": 2, "cost": 2, "quality": 2, "runs": 2}
     assert seen["states"] == ["done", "done"]
     assert not seen["severe"], f"console errors: {seen['severe']}"
     shot = Path(artifacts_dir) / "report.png"
     driver.save_screenshot(str(shot))
-    assert shot.stat().st_size > 10_000
+    full = _pixels(shot.read_bytes())
+    assert full.std() > 10 and (full < 128).mean() > 0.005  # not a blank page
+    plots = _shots(driver, ".plots img")
+    assert len(plots) == 4
+    for i, p in enumerate(plots):
+        (Path(artifacts_dir) / f"report-plot{i}.png").write_bytes(p["png"])
+        assert _pixels(p["png"]).std() > 10, p["alt"]
+        assert _edge_ink(p["png"]) == 0, f"{p['alt']}: ink on the figure's edge (cut off)"
+    grids = _shots(driver, "figure img")
+    assert len(grids) == len(two_runs)
+    for g in grids:
+        (nw, nh), (w, h) = g["natural"], g["shown"]
+        assert abs(w - 2 * nw) <= 2 and abs(h - 2 * nh) <= 2, g  # 1 px border each side
+        shown = _pixels(g["png"])
+        assert abs(shown.shape[1] - 2 * nw) <= 3 and shown.std() > 10
 
 
 def test_checks_catch_a_broken_page(driver, tmp_path):
@@ -146,3 +201,35 @@ def test_checks_catch_a_broken_page(driver, tmp_path):
     seen = _inspect(driver, page)
     assert len(seen["broken"]) == 1 and "samples of sn" in seen["broken"][0]
     assert any("boom" in entry["message"] for entry in seen["severe"])
+
+
+def test_edge_check_catches_a_legend_cut_off_by_the_figure(driver, tmp_path):
+    """A plot whose legend box runs past the figure's left border (the old Lipschitz plot with
+    one method): its screenshot has ink on the edge; the same plot drawn inside does not."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def plot(loc: str) -> bytes:
+        fig = Figure(figsize=(3.8, 3.3), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot([0, 1], [1, 2], label="a long legend entry, too wide for this small figure")
+        ax.plot([0, 1], [2, 1], label="another entry")
+        kw = {"loc": "outside upper center", "ncol": 2} if loc == "outside" else {"loc": "best"}
+        (fig if loc == "outside" else ax).legend(fontsize=8, **kw)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+
+    import base64
+
+    imgs = "".join(
+        f'<div class="plots"><img alt="{loc}" src="data:image/png;base64,'
+        f'{base64.b64encode(plot(loc)).decode()}"></div>'
+        for loc in ("outside", "inside")
+    )
+    page = tmp_path / "edge.html"
+    page.write_text(f"<!DOCTYPE html><html><body>{imgs}</body></html>")
+    driver.get(page.resolve().as_uri())
+    ink = {p["alt"]: _edge_ink(p["png"]) for p in _shots(driver, ".plots img")}
+    assert ink["outside"] > 0 and ink["inside"] == 0, ink

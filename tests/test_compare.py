@@ -16,6 +16,7 @@ from lipgan.compare import CompareConfig, parse_duration, plan_runs, run_compare
 from lipgan.errors import LipganError
 from lipgan.experiments import sweep
 from lipgan.experiments.sweep import Variant
+from lipgan.runs import RunFolder
 from lipgan.train import loop
 
 # Tiny and quick: width 8, batch 16, one thread (two cores are shared by several processes; more
@@ -112,6 +113,10 @@ def test_every_run_trained_evaluated_and_tabled(done):
         assert conf["method"] == r["method"] and conf["seed"] == int(r["seed"])
     # two seeds of one method are different runs
     assert rows[0]["fid"] != rows[1]["fid"]
+    # time to quality: FID at 1, 2, 5 and 10 minutes, empty for runs of a second or two
+    assert all(r[k] == "" for r in rows for k in ("fid_1m", "fid_2m", "fid_5m", "fid_10m"))
+    page = paths["report"].read_text()
+    assert "FID @ 10 min" in page and 'id="quality"' in page
 
 
 def test_eval_json_matches_an_independent_fid(done):
@@ -147,8 +152,21 @@ def test_report_table_is_mean_and_std_over_seeds(done):
 def test_rerun_trains_nothing(done, spy):
     cfg, out, _ = done
     before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/generator.safetensors")}
-    run_compare(cfg)
+    logs: list[str] = []
+    run_compare(cfg, log=logs.append)
     assert spy == []
+    # the closing summary: each method's FID and its FID at 1, 2, 5 and 10 minutes
+    (table,) = [m for m in logs if m.startswith("compare: FID (eval.json) and time to quality")]
+    head, _, *rows = table.splitlines()[1:]
+    assert head.split(" | ")[2:] == ["FID", "FID @ 1 min", "FID @ 2 min", "FID @ 5 min",
+                                     "FID @ 10 min |"]  # fmt: skip
+    results = _rows(out / "results.csv")
+    fids = {m: [float(x["fid"]) for x in results if x["method"] == m] for m in ("sn", "gan")}
+    assert [r.split(" | ")[:3] for r in rows] == [
+        ["| sn", "2/2", report.tables._md_stat(report.mean_std(fids["sn"]))],
+        ["| gan", "2/2", report.tables._md_stat(report.mean_std(fids["gan"]))],
+    ]
+    assert all(r.endswith("| – | – | – | – |") for r in rows)  # runs of a second or two
     after = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/generator.safetensors")}
     assert before == after
 
@@ -512,6 +530,42 @@ def test_jobs_ctrl_c_interrupts_the_workers(tmp_path, monkeypatch):
     assert [p.action for p in plan_runs(cfg)] == ["resume", "resume"]
 
 
+def test_jobs_train_a_users_registered_constraint(tmp_path):
+    """A constraint registered by name in the user's own module (not lipgan's) trains in the
+    worker processes, and each run records it as itself."""
+    import user_constraints  # registers test-user-clip in this process only
+
+    tight = Variant("tight", {"method": "test-user-clip", "constraint_options": {"c": 0.02}})
+    cfg = tiny(
+        tmp_path / "c", methods=["test-user-clip"], seeds=2, evaluate=False, jobs=2,
+        variants=[tight],
+    )  # fmt: skip
+    run_compare(cfg)
+    for name, c in (("test-user-clip-seed0", 0.05), ("test-user-clip-seed1", 0.05),
+                    ("tight-seed1", 0.02)):  # fmt: skip
+        run = report.load_run(tmp_path / "c" / "runs" / name)
+        assert run.status["state"] == "done"
+        assert run.config["constraint"] == "test-user-clip"
+        # the clip held in the worker: every critic parameter within [-c, c]
+        critic = RunFolder(run.path).load_export("critic")
+        assert max(float(p.detach().abs().max()) for p in critic.parameters()) <= c + 1e-7
+    assert user_constraints.UserClip.name == "test-user-clip"
+
+
+def test_jobs_refuse_a_constraint_workers_cannot_import(tmp_path, monkeypatch):
+    from lipgan import constraints
+    from lipgan.constraints import base
+
+    class Local(constraints.WeightClip):  # inside a function: a worker cannot import it
+        pass
+
+    monkeypatch.setitem(base._REGISTRY, "test-local-clip", Local)
+    with pytest.raises(LipganError, match="'test-local-clip' cannot reach the worker") as err:
+        run_compare(tiny(tmp_path / "c", methods=["test-local-clip"], jobs=2))
+    assert "--jobs 1" in str(err.value)
+    assert not (tmp_path / "c" / "compare.json").exists()
+
+
 # --------------------------------------------------------------------------- variants, vocabulary
 
 
@@ -536,6 +590,14 @@ def test_variants_and_a_registry_method_are_compared(tmp_path):
     assert conf["bjorck-seed0"]["constraint"] == "bjorck"
     saved = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert saved["variants"]["sn-w12"] == {"method": "sn", "width": 12}
+    # the report (written by compare, and rebuilt from the folder) keeps the two sn variants apart
+    for page in (paths["report"], report.build_report([tmp_path / "c"], tmp_path / "again.html")):
+        text = page.read_text()
+        assert "sn-w8 (sn)" in text and "sn-w12 (sn)" in text
+    md = report.markdown_summary([tmp_path / "c"])
+    assert [line.split(" | ")[0] for line in md.splitlines()[2:]] == [
+        "| sn-w8 (sn)", "| sn-w12 (sn)", "| bjorck",
+    ]  # fmt: skip
     # the same name with other settings would mix unlike runs: refused, nothing trained
     variants[1] = Variant("sn-w12", {"method": "sn", "width": 16})
     with pytest.raises(LipganError, match="same flags"):

@@ -746,3 +746,39 @@ def test_bjorck_critic_is_one_lipschitz_with_groupsort():
     # the dense layers are (semi-)orthonormal: every singular value near 1
     s = torch.linalg.svdvals(net[3].weight.detach().double())
     assert s.min() > 0.9, s
+
+
+def test_sn_resume_state_goes_through_the_parametrizations_public_pair(monkeypatch):
+    """The constraint checkpoints whether each spectral-norm parametrization iterates at its
+    next training forward through the parametrization's own resume_state/load_resume_state
+    (no private attribute), and a resumed critic's next training forward is the original's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 1))
+    sn = C.get("spectral-norm")
+    sn.attach(net)
+    x = torch.randn(4, 6)
+    net.train()
+    net(x)  # iterates: both parametrizations are now up to date
+    layers = L.spectral_norm_parametrizations(net)
+    layers[0].mark_stale()  # the first iterates at the next forward, the second does not
+    state = sn.state_dict(net)
+    assert state == {"stale": [True, False]}
+    assert [p.resume_state() for p in layers] == [{"stale": True}, {"stale": False}]
+
+    torch.manual_seed(1)
+    again = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 1))
+    C.get("spectral-norm").attach(again)
+    again.load_state_dict(net.state_dict())
+    seen = []
+    real = L.SpectralNormParametrization.load_resume_state
+    monkeypatch.setattr(
+        L.SpectralNormParametrization, "load_resume_state",
+        lambda self, st, weight: seen.append(st) or real(self, st, weight),
+    )  # fmt: skip
+    C.get("spectral-norm").load_state_dict(again, state)
+    assert seen == [{"stale": True}, {"stale": False}]
+    again.train()
+    assert torch.equal(again(x), net(x))  # the same power-iteration steps, bit for bit
+    assert [p.resume_state() for p in L.spectral_norm_parametrizations(again)] == [
+        {"stale": False}, {"stale": False},
+    ]  # fmt: skip

@@ -50,6 +50,7 @@ def make_run(
     eval_: dict | None = None,
     samples: bool = True,
     extra_line: str | None = None,
+    columns: tuple[str, ...] = COLUMNS,
 ) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(
@@ -61,10 +62,10 @@ def make_run(
         json.dumps({"state": state, "reason": reason, "step": steps, "steps": 10, "wall_s": 2.5})
     )
     with open(folder / "metrics.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=columns)
         w.writeheader()
         for r in rows:
-            w.writerow({c: r.get(c, "") for c in COLUMNS})
+            w.writerow({c: r.get(c, "") for c in columns})
         if extra_line is not None:
             fh.write(extra_line)
     if eval_ is not None:
@@ -210,9 +211,9 @@ def test_page_is_self_contained_and_lists_failed_runs(tmp_path):
     page = out.read_text()
     parsed = _parse(page)
     assert parsed.scripts == 0 and parsed.external == []
-    assert {"summary", "runs"} <= set(parsed.tables)
-    # three plots and two sample grids, all inline PNG
-    assert len(parsed.imgs) == 5
+    assert {"summary", "quality", "runs"} <= set(parsed.tables)
+    # four plots and two sample grids, all inline PNG
+    assert len(parsed.imgs) == 6
     assert all(src.startswith("data:image/png;base64,") for src in parsed.imgs)
     assert sum(src.endswith(base64.b64encode(_png()).decode()) for src in parsed.imgs) == 2
     text = "".join(parsed.text)
@@ -226,7 +227,7 @@ def test_single_run_page(tmp_path):
     a = make_run(tmp_path / "only", "sn", 0, rows=_rows(4, 1.0, 30))
     page = report.build_html([report.load_run(a)])
     parsed = _parse(page)
-    assert len(parsed.imgs) == 4 and "runs" in parsed.tables
+    assert len(parsed.imgs) == 5 and "runs" in parsed.tables
     assert "lipgan report: only" in "".join(parsed.text)
 
 
@@ -312,3 +313,145 @@ def test_hand_edited_run_folders_give_one_line_errors_or_empty_cells(tmp_path, c
     assert main(["report", str(yaml_bad), "--markdown"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not valid YAML" in err
+
+
+# ------------------------------------------------------------------ variants, time to quality
+
+#: metrics.csv as runs write it since cpu_s and fid_mark_s exist (older folders lack both)
+NEW_COLUMNS = (*COLUMNS, *(c for c in ("cpu_s", "fid_mark_s") if c not in COLUMNS))
+#: ... and as runs wrote it before
+OLD_COLUMNS = tuple(c for c in COLUMNS if c not in ("cpu_s", "fid_mark_s"))
+
+
+def _fid_rows(times, fids, cpu=None, marks=None) -> list[dict]:
+    return [
+        {"step": i + 1, "time_s": t, "fid": f, "cpu_s": "" if cpu is None else cpu[i],
+         "fid_mark_s": "" if marks is None else marks[i], "wasserstein": 1.0 / (i + 1),
+         "gnorm_real_max": 0.5 + i, "product_bound": 3.0 + i}
+        for i, (t, f) in enumerate(zip(times, fids))
+    ]  # fmt: skip
+
+
+def test_compare_variants_of_one_method_are_reported_apart(tmp_path, capsys):
+    """frobenius at two strengths (`compare --variant lam1:method=frobenius,...`): two groups,
+    not one pool of four seeds."""
+    cmp = tmp_path / "cmp"
+    for name, seed, fid in (("frobenius", 0, 10.0), ("frobenius", 1, 12.0), ("lam1", 0, 50.0),
+                            ("lam1", 1, 70.0)):  # fmt: skip
+        make_run(cmp / "runs" / f"{name}-seed{seed}", "frobenius", seed, rows=_rows(3, 1, 30),
+                 eval_={**EVAL, "fid": fid})  # fmt: skip
+    (cmp / "compare.json").write_text(json.dumps({"methods": ["frobenius", "lam1"]}))
+    runs = report.load_runs([cmp])
+    assert sorted((r.name, r.group) for r in runs) == [
+        ("frobenius-seed0", "frobenius"), ("frobenius-seed1", "frobenius"),
+        ("lam1-seed0", "lam1"), ("lam1-seed1", "lam1"),
+    ]  # fmt: skip
+    summary = {e["method"]: e for e in report.summarize(runs, ["frobenius", "lam1"])}
+    assert summary["frobenius"]["stats"]["fid"] == pytest.approx((11.0, statistics.stdev([10, 12])))
+    assert summary["lam1"]["stats"]["fid"] == pytest.approx((60.0, statistics.stdev([50, 70])))
+    assert summary["lam1"]["name"] == "lam1 (frobenius)"
+    md = report.markdown_summary([cmp])
+    assert "| lam1 (frobenius) | 2/2 | 60 ± 14.1 |" in md
+    page = report.build_report([cmp], tmp_path / "r.html").read_text()
+    assert "lam1 (frobenius)" in page
+    # labels given by the caller (compare passes its cells' variants) win
+    other = report.load_runs([cmp / "runs" / "lam1-seed0"], {cmp / "runs" / "lam1-seed0": "x"})
+    assert other[0].group == "x"
+
+
+def test_fid_at_time_marks(tmp_path):
+    run = report.load_run(make_run(
+        tmp_path / "a", "sn", 0, columns=NEW_COLUMNS,
+        rows=_fid_rows([30.0, 61.0, 150.0, 290.0], [400.0, 300.0, 200.0, 100.0],
+                       marks=["", 60.0, 120.0, ""]),
+    ))  # fmt: skip
+    assert report.fid_at(run, 60.0) == 300.0  # the row taken for the 60 s mark
+    assert report.fid_at(run, 120.0) == 200.0
+    # 300 s: past the last row (290 s) but within 5 %: that row; 600 s: none
+    assert report.fid_at(run, 300.0) == 100.0 and report.fid_at(run, 600.0) is None
+    assert report.fid_at(run, 10.0) is None  # before the first FID
+    old = report.load_run(make_run(  # no fid_mark_s column: interpolated between rows
+        tmp_path / "b", "sn", 0, rows=_fid_rows([100.0, 200.0], [500.0, 300.0]),
+        columns=OLD_COLUMNS,
+    ))  # fmt: skip
+    assert "fid_mark_s" not in old.metrics
+    assert report.fid_at(old, 120.0) == pytest.approx(500.0 - 0.2 * 200.0)
+    assert report.run_row(old)["fid_2m"] == pytest.approx(460.0)
+    assert report.run_row(old)["fid_1m"] is None
+
+
+def test_time_to_quality_table_is_mean_std_over_seeds_with_dashes(tmp_path):
+    a = make_run(tmp_path / "a", "sn", 0, rows=_fid_rows([60.0, 120.0], [300.0, 200.0]))
+    b = make_run(tmp_path / "b", "sn", 1, rows=_fid_rows([60.0, 120.0], [340.0, 260.0]))
+    summary = report.summarize([report.load_run(a), report.load_run(b)])
+    stats = summary[0]["stats"]
+    assert stats["fid_1m"] == pytest.approx((320.0, statistics.stdev([300, 340])))
+    assert stats["fid_2m"] == pytest.approx((230.0, statistics.stdev([200, 260])))
+    assert stats["fid_5m"] is None and stats["fid_10m"] is None
+    md = report.markdown_summary([a, b])
+    head, _, row = md.splitlines()
+    assert "FID @ 1 min" in head and "FID @ 10 min" in head
+    assert row.endswith("| 320 ± 28.3 | 230 ± 42.4 | – | – |")
+
+
+def test_pooled_curve_is_mean_and_std_over_seeds(tmp_path):
+    rows_a = _fid_rows([10.0, 20.0, 40.0], [300.0, 200.0, 100.0], cpu=[19.0, 39.0, 79.0])
+    rows_b = _fid_rows([15.0, 30.0], [280.0, 180.0], cpu=[29.0, 59.0])
+    runs = [
+        report.load_run(make_run(tmp_path / "a", "sn", 0, columns=NEW_COLUMNS, rows=rows_a)),
+        report.load_run(make_run(tmp_path / "b", "sn", 1, columns=NEW_COLUMNS, rows=rows_b)),
+    ]
+    t, mean, std = report.pooled_curve(runs, "time_s")
+    assert list(t) == [15.0, 20.0, 30.0]  # the seeds' own times inside the shared range
+    a = [250.0, 200.0, 150.0]  # run a interpolated at 15, 20, 30
+    b = [280.0, 280.0 - 100.0 * 5 / 15, 180.0]
+    assert mean == pytest.approx([(x + y) / 2 for x, y in zip(a, b)])
+    assert std == pytest.approx([statistics.stdev([x, y]) for x, y in zip(a, b)])
+    t, mean, _ = report.pooled_curve(runs, "cpu_s")
+    assert t[0] == 29.0 and t[-1] == 59.0
+    rows = _fid_rows([1.0, 2.0], [5, 4])
+    old = report.load_run(make_run(tmp_path / "c", "sn", 0, rows=rows, columns=OLD_COLUMNS))
+    assert "cpu_s" not in old.metrics
+    assert report.pooled_curve([old], "cpu_s") is None  # written before cpu_s existed
+
+
+def _legends_inside(fig) -> list[str]:
+    """The legends of ``fig`` that reach outside the figure (drawn at the saved size)."""
+    from matplotlib.legend import Legend
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    out = []
+    for legend in fig.findobj(Legend):
+        ext = legend.get_window_extent(renderer)
+        if ext.x0 < box.x0 - 0.5 or ext.y0 < box.y0 - 0.5 or ext.x1 > box.x1 + 0.5 or (
+            ext.y1 > box.y1 + 0.5
+        ):
+            out.append(f"{ext} outside {box}")
+    return out
+
+
+@pytest.mark.parametrize("n_methods", [1, 2, 7])
+def test_every_legend_lies_inside_its_figure(tmp_path, n_methods):
+    from lipgan.report import plots
+
+    runs = [
+        report.load_run(make_run(tmp_path / f"m{i}", f"method-{i}", 0, columns=NEW_COLUMNS,
+                                 rows=_fid_rows([10.0, 20.0], [300.0, 200.0], cpu=[20.0, 40.0])))
+        for i in range(n_methods)
+    ]  # fmt: skip
+    by_method = report.group_by_method(runs)
+    colors = plots._colors(list(by_method))
+    for make in (plots.figure_wasserstein, plots.figure_fid, plots.figure_lipschitz,
+                 plots.figure_time_to_quality):  # fmt: skip
+        fig = make(by_method, colors)
+        assert fig.findobj(lambda o: type(o).__name__ == "Legend"), make.__name__
+        assert _legends_inside(fig) == [], make.__name__
+
+
+def test_sample_grids_are_shown_at_twice_their_pixels(tmp_path):
+    run = make_run(tmp_path / "a", "sn", 0, rows=_rows(2, 1, 30))
+    (run / "samples" / "last.png").write_bytes(_png(58, 30))
+    page = report.build_html([report.load_run(run)])
+    assert 'width="116" height="60"' in page and "image-rendering: pixelated" in page

@@ -130,3 +130,17 @@ def test_study_cli_smoke(mnist, tmp_path, capsys):
     assert (out / "summary.csv").is_file() and (out / "study.md").is_file()
     assert main(["study", "generalization", "--regs", "dropout", "--out", str(out)]) == 2
     assert main(["study", "generalization", "--gather-only", "--out", str(tmp_path / "e")]) == 2
+
+
+def test_a_users_registered_constraint_runs_in_study_workers(mnist, tmp_path):
+    """classify cells in worker processes (jobs 2) build a constraint registered in the user's
+    own module, and record it."""
+    import user_constraints  # registers test-user-clip in this process only
+
+    study = _study(tmp_path, regs=["test-user-clip"], grid=None, jobs=2)
+    meta = run_study(study, log=None)
+    assert meta["n_cells"] == 2
+    with open(tmp_path / "study" / "cells.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["reg"] for r in rows] == ["test-user-clip"] * 2
+    assert user_constraints.UserClip.name == "test-user-clip"

@@ -105,3 +105,81 @@ def test_a_failing_cell_raises_its_error_in_this_process(tmp_path):
 def test_bad_jobs(jobs, tmp_path):
     with pytest.raises(LipganError, match="--jobs must be"):
         sweep.run_cells([], _square, jobs=jobs)
+
+
+# --------------------------------------------------------------------------- user constraints
+# The helper module is imported inside the tests, never at the top of this file: a worker
+# imports this module to run _constraint_of, and must learn the user's registration from the
+# parent, not from that import.
+
+
+def _constraint_of(cell: Cell, tag: str, ctx: sweep.Context) -> str:
+    from lipgan import constraints
+
+    return type(constraints.get(cell.options["name"])).__name__
+
+
+def test_a_users_registered_constraint_reaches_the_workers(tmp_path):
+    import user_constraints  # registers test-user-clip in this process
+
+    cells = sweep.grid([Variant("u", {"name": "test-user-clip"})], 2, tmp_path)
+    got = sweep.run_cells(cells, _constraint_of, jobs=2, threads=1)
+    assert [v for _, v in got.finished] == [user_constraints.UserClip.__name__] * 2
+
+
+def test_a_constraint_workers_cannot_import_is_one_line_naming_it(tmp_path, monkeypatch):
+    from lipgan import constraints
+    from lipgan.constraints import base
+
+    class Local(constraints.Constraint):  # defined in a function: no worker can import it
+        pass
+
+    monkeypatch.setitem(base._REGISTRY, "test-local", Local)
+    with pytest.raises(LipganError, match="'test-local' cannot reach the worker") as err:
+        base.check_for_workers(["gradient-penalty,test-local", None])
+    assert "--jobs 1" in str(err.value) and "\n" not in str(err.value)
+    base.check_for_workers("gradient-penalty")  # lipgan's own: always there
+    cells = sweep.grid([Variant("u", {"name": "test-local"})], 2, tmp_path)
+    with pytest.raises(LipganError, match="'test-local' cannot reach the worker"):
+        sweep.run_cells(cells, _constraint_of, jobs=2, threads=1)
+    # the other registered names still work in the workers
+    cells = sweep.grid([Variant("u", {"name": "weight-clip"})], 2, tmp_path)
+    got = sweep.run_cells(cells, _constraint_of, jobs=2, threads=1)
+    assert [v for _, v in got.finished] == ["WeightClip"] * 2
+
+
+def test_a_constraint_registered_in_a_scripts_main_reaches_the_workers(tmp_path):
+    """The usual case: a user's script registers its constraint in ``__main__`` and sweeps with
+    workers. Spawn re-runs the script's top level in each worker (as ``__mp_main__``, under its
+    main guard), which registered it even before the parent handed its entries over; this keeps
+    that so (the handed-over entry resolves to the same class)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "my_sweep.py"
+    script.write_text(textwrap.dedent('''
+        from lipgan import constraints
+        from lipgan.experiments import sweep
+
+
+        @constraints.register("script-clip")
+        class ScriptClip(constraints.WeightClip):
+            pass
+
+
+        def build(cell, tag, ctx):
+            return type(constraints.get("script-clip", c=0.5)).__name__
+
+
+        if __name__ == "__main__":
+            cells = sweep.grid([sweep.Variant("v")], 2, "unused")
+            done = sweep.run_cells(cells, build, jobs=2, threads=1)
+            print(sorted(v for _, v in done.finished))
+    '''))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "['ScriptClip', 'ScriptClip']"

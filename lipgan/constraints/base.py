@@ -62,7 +62,7 @@ def _parametrization_state(module: nn.Module) -> dict:
     """Whether each spectral-norm parametrization of ``module`` must iterate at its next training
     forward (not in ``module.state_dict()``; a fresh one always iterates, so without it a
     resume would add one power-iteration step)."""
-    flags = [bool(p._stale) for p in _layers.spectral_norm_parametrizations(module)]
+    flags = [p.resume_state()["stale"] for p in _layers.spectral_norm_parametrizations(module)]
     return {"stale": flags} if flags else {}
 
 
@@ -72,9 +72,8 @@ def _load_parametrization_state(module: nn.Module, state: dict) -> None:
         plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
         for p in plist or []:
             if isinstance(p, _layers.SpectralNormParametrization):
-                p._stale = next(flags, True)
                 # the weights were just loaded: their current version counts as seen
-                p._seen_version = plist.original._version
+                p.load_resume_state({"stale": next(flags, True)}, plist.original)
 
 
 class Constraint:
@@ -267,6 +266,98 @@ def checked_spec(constraint: Constraint) -> dict:
             "lipgan.constraints.register(NAME)"
         )
     return spec
+
+
+# --------------------------------------------------------------------------- worker processes
+# A "spawn" worker process (compare/study --jobs N) starts from a fresh interpreter: it imports
+# lipgan, whose methods register themselves, but not the module where a user registered their
+# own. So the parent hands each user entry to its workers by reference (module and qualified
+# name, what pickle records for a class or a function): the worker imports that module and
+# registers the entry under the parent's name.
+
+
+def _is_lipgans(factory: Callable) -> bool:
+    module = getattr(factory, "__module__", None) or ""
+    return module == "lipgan" or module.startswith("lipgan.")
+
+
+def _by_reference(name: str, factory: Callable) -> bytes:
+    """``factory`` pickled by reference, or a LipganError saying why a worker cannot import it
+    (a class defined inside a function, a lambda, an instance...)."""
+    import pickle
+
+    qualname = getattr(factory, "__qualname__", "")
+    if not qualname or "<locals>" in qualname or "<lambda>" in qualname:
+        reason = f"{getattr(factory, '__module__', '?')}.{qualname or factory!r} is not defined at "
+        reason += "the top level of a module"
+    else:
+        try:
+            return pickle.dumps(factory)
+        except Exception as exc:  # pickle raises PicklingError, AttributeError, TypeError...
+            reason = f"{type(exc).__name__}: {exc}"
+    raise LipganError(
+        f"constraint {name!r} cannot reach the worker processes of --jobs ({reason}); define "
+        "its class at the top level of an importable module, or run with --jobs 1"
+    )
+
+
+def worker_registry() -> dict[str, bytes | str]:
+    """The user's registry entries for worker processes: name -> the factory pickled by
+    reference, or the one-line reason it cannot be (an error only if a worker builds it)."""
+    out: dict[str, bytes | str] = {}
+    for name, factory in _REGISTRY.items():
+        if _is_lipgans(factory):
+            continue
+        try:
+            out[name] = _by_reference(name, factory)
+        except LipganError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def load_worker_registry(entries: dict[str, bytes | str]) -> None:
+    """In a worker: register each entry of :func:`worker_registry`. Its module is imported when
+    a cell first builds it (a worker imports only what it trains); one that cannot be imported
+    here, or that the parent could not hand over, raises its one-line reason then."""
+    for name, blob in entries.items():
+        _REGISTRY[name] = _FromParent(name, blob)
+
+
+class _FromParent:
+    """A registry entry handed over by the parent process: unpickled (its module imported) and
+    registered under its name at the first call, then built like any entry."""
+
+    def __init__(self, name: str, blob: bytes | str) -> None:
+        self.name, self.blob = name, blob
+
+    def __call__(self, **options: Any) -> Constraint:
+        import pickle
+
+        if isinstance(self.blob, str):
+            raise LipganError(self.blob)
+        try:
+            factory = pickle.loads(self.blob)
+        except Exception as exc:  # the module or name is not importable in this process
+            raise LipganError(
+                f"constraint {self.name!r} cannot be imported in a worker process of --jobs "
+                f"({type(exc).__name__}: {exc}); define it in an importable module (not an "
+                "interactive session), or run with --jobs 1"
+            ) from None
+        register(self.name)(factory)
+        return factory(**options)
+
+
+def check_for_workers(names: str | Iterable[str | None] | None) -> None:
+    """Refuse (a one-line LipganError) a constraint name among ``names`` (comma-separated
+    strings, None skipped) that is registered here but cannot be handed to a worker process;
+    callers check before they write anything."""
+    if names is None:
+        return
+    for item in [names] if isinstance(names, str) else names:
+        for name in (item or "").split(","):
+            factory = _REGISTRY.get(name.strip())
+            if factory is not None and not _is_lipgans(factory):
+                _by_reference(name.strip(), factory)
 
 
 def _check_positive(name: str, value: float) -> None:

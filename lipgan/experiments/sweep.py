@@ -11,7 +11,10 @@ read from the folder, and the driver only decides where and when a cell runs:
 * ``jobs == 1``: one after the other, in this process (Ctrl-C is an ordinary KeyboardInterrupt);
 * ``jobs > 1``: a :class:`concurrent.futures.ProcessPoolExecutor` with ``jobs`` "spawn" workers
   (no forked torch thread pools or CUDA state), each limited to ``threads`` torch threads; log
-  lines travel to this process through a queue; Ctrl-C stops the sweep cleanly (below).
+  lines travel to this process through a queue; Ctrl-C stops the sweep cleanly (below). A fresh
+  interpreter knows lipgan's own constraints only: the constraints a user registered in this
+  process reach each worker by reference (their module is imported there, see
+  :func:`lipgan.constraints.base.worker_registry`).
 
 Ctrl-C with workers: the main process turns SIGINT into a flag that its loop polls every 0.2 s.
 A KeyboardInterrupt raised asynchronously inside ``concurrent.futures.wait`` can leave a
@@ -246,12 +249,16 @@ class _LineStream:
         return False
 
 
-def _worker_init(threads: int, messages, stop) -> None:
-    """Once per worker: limit torch's threads, keep the queue and the stop flag, ignore Ctrl-C
-    while idle (a cell in progress takes it: see _in_worker)."""
+def _worker_init(threads: int, messages, stop, registry: dict) -> None:
+    """Once per worker: limit torch's threads, register the parent's user constraints
+    (``registry``: :func:`lipgan.constraints.base.worker_registry`), keep the queue and the stop
+    flag, ignore Ctrl-C while idle (a cell in progress takes it: see _in_worker)."""
     import torch
 
+    from lipgan.constraints import base
+
     torch.set_num_threads(threads)
+    base.load_worker_registry(registry)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER.update(threads=threads, messages=messages, stop=stop)
     messages.put(("pid", os.getpid()))
@@ -280,6 +287,8 @@ def _run_pool(cells, work, tags, workers, threads, log, done) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
+    from lipgan.constraints import base
+
     ctx = multiprocessing.get_context("spawn")
     messages, stop = ctx.Queue(), ctx.Event()
     lines: queue.SimpleQueue = queue.SimpleQueue()
@@ -306,7 +315,7 @@ def _run_pool(cells, work, tags, workers, threads, log, done) -> None:
         max_workers=workers,
         mp_context=ctx,
         initializer=_worker_init,
-        initargs=(threads, messages, stop),
+        initargs=(threads, messages, stop, base.worker_registry()),
     )
     busy: dict = {}
     interrupted = threading.Event()

@@ -8,23 +8,34 @@ import html
 import json
 import math
 import os
+import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lipgan.errors import LipganError
-from lipgan.report.plots import _colors, plot_fid, plot_lipschitz, plot_wasserstein
+from lipgan.report.plots import (
+    _colors,
+    plot_fid,
+    plot_lipschitz,
+    plot_time_to_quality,
+    plot_wasserstein,
+)
+from lipgan.report.quality import TIME_COLUMNS
 from lipgan.report.tables import (
     COST_COLUMNS,
     EVAL_KEYS,
     RunView,
     compare_order,
     group_by_method,
-    load_run,
+    load_runs,
     run_row,
     summarize,
 )
 from lipgan.runs.files import atomic_write_text
-from lipgan.runs.folder import expand_paths
+
+#: sample grids are shown at this many screen pixels per image pixel (nearest neighbour), so
+#: that a 28-pixel digit is large enough to judge
+GRID_SCALE = 2
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -58,8 +69,8 @@ tr.failed td { background: #fde8e8; } tr.incomplete td { background: #fff7e0; }
 .plots { display: flex; flex-wrap: wrap; gap: 0.5em; }
 .plots img { max-width: 100%; height: auto; display: block; }
 .grids { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; text-align: center; } figcaption { font-size: 0.8em; max-width: 240px; }
-figure img { width: 224px; height: 224px; image-rendering: pixelated; border: 1px solid #ccc; }
+figure { margin: 0; text-align: center; } figcaption { font-size: 0.8em; }
+figure img { max-width: 100%; height: auto; image-rendering: pixelated; border: 1px solid #ccc; }
 .note { font-size: 0.85em; color: #555; } code { background: #f4f4f4; padding: 0 0.2em; }
 .missing { width: 224px; height: 224px; display: flex; align-items: center;
            justify-content: center; border: 1px dashed #c00; color: #c00; font-size: 0.85em; }
@@ -90,7 +101,7 @@ def _summary_table(summary: list[dict], columns, table_id: str) -> str:
         cls = "failed" if entry["done"] == 0 and entry["failed"] else ""
         cells = "".join(f"<td>{_e(_fmt_stat(entry['stats'][key]))}</td>" for key, _, _ in columns)
         rows.append(
-            f'<tr class="{cls}"><td class="l">{_e(entry["method"])}</td>'
+            f'<tr class="{cls}"><td class="l">{_e(entry["name"])}</td>'
             f"<td>{entry['done']} / {entry['runs']}</td><td>{entry['failed']}</td>{cells}</tr>"
         )
     return (
@@ -120,15 +131,24 @@ def _runs_table(runs: Sequence[RunView]) -> str:
         text = state if not run.reason else f"{state}: {run.reason}"
         cells = "".join(f"<td>{_e(_fmt(row[k]))}</td>" for k, _ in cols)
         rows.append(
-            f'<tr class="{cls}"><td class="l">{_e(run.name)}</td><td class="l">'
-            f"{_e(run.method)}</td><td>{_e(_fmt(run.seed))}</td>"
+            f'<tr class="{cls}"><td class="l">{_e(run.name)}</td><td class="l">{_e(run.group)}'
+            f'</td><td class="l">{_e(run.method)}</td><td>{_e(_fmt(run.seed))}</td>'
             f'<td class="l state">{_e(text)}</td>{cells}</tr>'
         )
     return (
         '<div class="scroll"><table id="runs"><thead><tr><th class="l">run</th>'
-        f'<th class="l">method</th><th>seed</th><th class="l">state</th>{head}</tr></thead>'
+        '<th class="l">variant</th><th class="l">method</th><th>seed</th>'
+        f'<th class="l">state</th>{head}</tr></thead>'
         "<tbody>" + "".join(rows) + "</tbody></table></div>"
     )
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR chunk (bytes 16-24), or None if it is not a PNG."""
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return (width, height) if 0 < width <= 2**15 and 0 < height <= 2**15 else None
 
 
 def _grids(runs_by_method: dict[str, list[RunView]]) -> str:
@@ -140,9 +160,13 @@ def _grids(runs_by_method: dict[str, list[RunView]]) -> str:
                 caption += f" ({run.state})"
             if run.samples_png:
                 b64 = base64.b64encode(run.samples_png).decode("ascii")
-                body = (
-                    f'<img src="data:image/png;base64,{b64}" alt="{_e("samples of " + caption)}">'
-                )
+                size = _png_size(run.samples_png)
+                # GRID_SCALE screen pixels per image pixel, nearest neighbour (CSS pixelated)
+                dims = ""
+                if size is not None:
+                    dims = f' width="{GRID_SCALE * size[0]}" height="{GRID_SCALE * size[1]}"'
+                alt = _e("samples of " + caption)
+                body = f'<img src="data:image/png;base64,{b64}"{dims} alt="{alt}">'
             else:
                 body = '<div class="missing">no samples/last.png</div>'
             parts.append(f"<figure>{body}<figcaption>{_e(caption)}</figcaption></figure>")
@@ -152,7 +176,12 @@ def _grids(runs_by_method: dict[str, list[RunView]]) -> str:
 def build_html(
     runs: Sequence[RunView], *, title: str | None = None, order: Sequence[str] | None = None
 ) -> str:
-    """The report page for ``runs`` as one HTML string (plots and grids inline as base64 PNG)."""
+    """The report page for ``runs`` as one HTML string (plots and grids inline as base64 PNG);
+    runs are pooled by :attr:`RunView.group` (their variant label, else their method)."""
+    return _page(runs, title, order)
+
+
+def _page(runs: Sequence[RunView], title: str | None, order: Sequence[str] | None) -> str:
     if not runs:
         raise LipganError("no runs to report on; pass at least one run folder")
     by_method = group_by_method(runs, order)
@@ -169,6 +198,7 @@ def build_html(
         else "no eval.json yet (run `lipgan eval RUN`)"
     )
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    quality = plot_time_to_quality(by_method, colors)
     plots = (
         plot_wasserstein(by_method, colors),
         plot_fid(by_method, colors),
@@ -190,8 +220,8 @@ def build_html(
 <title>{_e(title)}</title><style>{_CSS}</style></head>
 <body>
 <h1>{_e(title)}</h1>
-<p class="note">{len(runs)} run(s), {len(by_method)} method(s). Held fixed: {_e(fixed)}.
-{_e(eval_note)}. Generated {_e(generated)}.</p>
+<p class="note">{len(runs)} run(s), {len(by_method)} method(s) or variant(s).
+Held fixed: {_e(fixed)}. {_e(eval_note)}. Generated {_e(generated)}.</p>
 
 <h2>Sample quality per method (mean ± std over seeds)</h2>
 {_summary_table(summary, EVAL_KEYS, "summary")}
@@ -199,6 +229,16 @@ def build_html(
 {_summary_table(summary, COST_COLUMNS, "cost")}
 <p class="note">Averages are over finished runs (state <code>done</code>); the standard deviation
 is the sample one (n − 1) and is left out for a single seed. Hover a header for what it means.</p>
+
+<h2>Time to quality (mean ± std over seeds)</h2>
+{_summary_table(summary, TIME_COLUMNS, "quality")}
+<div class="plots"><img src="data:image/png;base64,{quality}"
+alt="time to quality: FID against wall time and CPU time"></div>
+<p class="note">FID of the FID rows each run logged while training (metrics.csv), against the
+run's wall time and its training process's CPU seconds (<code>cpu_s</code>; runs written before
+that column existed have none). The line is the mean over seeds, each seed interpolated at the
+seeds' own FID times, the band ± one sample standard deviation. The table takes each run's FID
+at the mark (its row for that mark, else interpolated between the rows around it).</p>
 
 <h2>Runs</h2>
 {_runs_table(runs)}
@@ -223,15 +263,18 @@ def build_report(
     *,
     title: str | None = None,
     order: Sequence[str] | None = None,
+    labels: dict | None = None,
 ) -> Path:
     """Read run folders (or folders holding them) and write the HTML report to ``out``.
 
-    The file is written to a temporary name and renamed, so a reader never sees half a page.
-    Returns the path written.
+    Runs are pooled by variant: ``labels`` (run folder -> name) and, for ``lipgan compare``
+    folders, the variant each run folder's name gives (:func:`lipgan.report.variant_labels`);
+    other runs by their method. The file is written to a temporary name and renamed, so a
+    reader never sees half a page. Returns the path written.
     """
     paths = list(paths)
     order = order if order is not None else compare_order(paths)
-    runs = [load_run(p) for p in expand_paths(paths)]
+    runs = load_runs(paths, labels)
     page = build_html(runs, title=title, order=order)
     # Temporary file, fsync, rename: a full disk or an unwritable --out is one line, and no
     # partial file is left behind (the old page, if any, stays as it was).

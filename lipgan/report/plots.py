@@ -1,4 +1,8 @@
-"""The report's plots: matplotlib's object API (no pyplot, no global state), PNG as base64."""
+"""The report's plots: matplotlib's object API (no pyplot, no global state), PNG as base64.
+
+Each ``figure_*`` function returns the matplotlib Figure (tests measure it: every legend lies
+inside its figure); ``plot_*`` returns the same figure as a base64 PNG for the page.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lipgan.report.quality import fid_rows, pooled_curve
 from lipgan.report.tables import _finite
+
+#: legends sit inside their axes (a legend outside the axes is cut off where a figure is small)
+_LEGEND = {"fontsize": 7, "loc": "best", "framealpha": 0.85}
 
 
 def _figure(width: float = 6.4, height: float = 3.6):
@@ -80,40 +88,82 @@ def _no_data(ax, what: str) -> None:
     ax.set_yticks([])
 
 
-def plot_wasserstein(runs_by_method, colors) -> str:
+def figure_wasserstein(runs_by_method, colors):
     fig = _figure(5.6, 3.6)
     ax = fig.add_subplot()
     if _plot_series(ax, runs_by_method, colors, lambda r: r.column("wasserstein")):
         ax.axhline(0.0, color="0.6", linewidth=0.8)
         ax.set_xlabel("wall time (s)")
         ax.set_ylabel("E[D(real)] − E[D(fake)]")
-        ax.legend(fontsize=8)
+        ax.legend(**_LEGEND)
     else:
         _no_data(ax, "Wasserstein estimate")
     ax.set_title("Wasserstein estimate")
-    return _png_b64(fig)
+    return fig
 
 
-def plot_fid(runs_by_method, colors) -> str:
+def _log_if_wide(ax, values: np.ndarray) -> None:
+    # Log scale only when FID spans more than a decade (early FIDs dwarf late ones).
+    if values.size and values.min() > 0 and values.max() / values.min() > 10:
+        ax.set_yscale("log")
+
+
+def figure_fid(runs_by_method, colors):
     fig = _figure(5.6, 3.6)
     ax = fig.add_subplot()
     if _plot_series(ax, runs_by_method, colors, lambda r: r.column("fid"), marker="o"):
         ax.set_xlabel("wall time (s)")
         ax.set_ylabel("FID (logged while training)")
-        ax.legend(fontsize=8)
-        # Log scale only when FID spans more than a decade (early FIDs dwarf late ones).
-        fids = np.concatenate(
-            [_finite(r.column("fid")) for g in runs_by_method.values() for r in g]
-        )
-        if fids.size and fids.min() > 0 and fids.max() / fids.min() > 10:
-            ax.set_yscale("log")
+        ax.legend(**_LEGEND)
+        fids = [_finite(r.column("fid")) for g in runs_by_method.values() for r in g]
+        _log_if_wide(ax, np.concatenate(fids))
     else:
         _no_data(ax, "FID")
     ax.set_title("FID during training")
-    return _png_b64(fig)
+    return fig
 
 
-def plot_lipschitz(runs_by_method, colors) -> str:
+def figure_time_to_quality(runs_by_method, colors):
+    """FID against wall seconds (left) and against the training process's CPU seconds (right),
+    per method: the mean over seeds (line) ± the sample std (band), each seed's curve
+    interpolated at the seeds' own FID times (:func:`lipgan.report.quality.pooled_curve`); a
+    method whose seeds share no time range is drawn seed by seed."""
+    fig = _figure(11.2, 3.8)
+    axes = fig.subplots(1, 2)
+    panels = ((axes[0], "time_s", "wall time (s)"), (axes[1], "cpu_s", "CPU time (s)"))
+    for ax, x, label in panels:
+        drawn, values = 0, []
+        for method, group in runs_by_method.items():
+            curve = pooled_curve(group, x)
+            n = sum(bool(fid_rows(r, x)[0].size) for r in group)
+            if curve is not None:
+                t, mean, std = curve
+                style = dict(color=colors[method], marker="o", markersize=3, linewidth=1.4)
+                ax.plot(t, mean, label=f"{method} (n={n})", **style)
+                if np.isfinite(std).any():
+                    ax.fill_between(t, mean - std, mean + std, color=colors[method], alpha=0.2)
+                values.append(mean)
+                drawn += 1
+                continue
+            for i, run in enumerate(r for r in group if fid_rows(r, x)[0].size):
+                t, fid = fid_rows(run, x)
+                style = dict(color=colors[method], marker="o", markersize=3, linestyle="--")
+                ax.plot(t, fid, label=f"{method} (seeds apart)" if i == 0 else None, **style)
+                values.append(fid)
+                drawn += 1
+        if drawn:
+            ax.set_xlabel(label)
+            ax.set_ylabel("FID")
+            ax.legend(**_LEGEND)
+            _log_if_wide(ax, np.concatenate(values))
+            ax.grid(alpha=0.3)
+        else:
+            _no_data(ax, "FID against " + ("CPU time (cpu_s)" if x == "cpu_s" else "wall time"))
+        ax.set_title(f"time to quality: FID against {label[:-4]}")
+    return fig
+
+
+def figure_lipschitz(runs_by_method, colors):
     """One panel per method (shared log y axis): the largest gradient norm seen (solid, a lower
     bound on Lip(D)) and the product bound (dotted with markers, an upper bound) against time,
     with the target Lip(D) = 1. Panels, not one crowded plot: seven methods times two bounds
@@ -159,14 +209,30 @@ def plot_lipschitz(runs_by_method, colors) -> str:
     axes[0].set_ylabel("Lip(D)")
     from matplotlib.lines import Line2D
 
-    fig.legend(
+    # In the first panel, not beside the panels: a figure of one or two panels is narrower
+    # than a three-column legend (it was cut off at the left).
+    axes[0].legend(
         handles=[
             Line2D([], [], color="0.3", linestyle="-", label="max ‖∇D(x)‖ (lower bound)"),
             Line2D([], [], color="0.3", linestyle=":", marker="s", label="product bound (upper)"),
             Line2D([], [], color="black", linestyle="--", label="target 1"),
         ],
-        loc="outside upper center",
-        ncol=3,
-        fontsize=8,
+        **_LEGEND,
     )
-    return _png_b64(fig)
+    return fig
+
+
+def plot_wasserstein(runs_by_method, colors) -> str:
+    return _png_b64(figure_wasserstein(runs_by_method, colors))
+
+
+def plot_fid(runs_by_method, colors) -> str:
+    return _png_b64(figure_fid(runs_by_method, colors))
+
+
+def plot_time_to_quality(runs_by_method, colors) -> str:
+    return _png_b64(figure_time_to_quality(runs_by_method, colors))
+
+
+def plot_lipschitz(runs_by_method, colors) -> str:
+    return _png_b64(figure_lipschitz(runs_by_method, colors))

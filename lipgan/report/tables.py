@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lipgan.errors import LipganError
+from lipgan.report.quality import TIME_COLUMNS, fid_marks_row
 from lipgan.runs.folder import RunFolder, expand_paths
 
 #: eval.json keys in table order, with their headers and whether lower is better.
@@ -43,7 +45,10 @@ def _number(value) -> float | None:
 
 @dataclass
 class RunView:
-    """One run folder as the report sees it; every part is optional except the folder itself."""
+    """One run folder as the report sees it; every part is optional except the folder itself.
+
+    ``label`` names the group the run is pooled in (a ``lipgan compare`` variant such as
+    ``w64``); without one, runs are pooled by their config's ``method``."""
 
     path: Path
     config: dict = field(default_factory=dict)
@@ -51,6 +56,7 @@ class RunView:
     metrics: dict[str, np.ndarray] = field(default_factory=dict)
     eval: dict | None = None
     samples_png: bytes | None = None
+    label: str | None = None
 
     @property
     def name(self) -> str:
@@ -59,6 +65,11 @@ class RunView:
     @property
     def method(self) -> str:
         return str(self.config.get("method") or self.name)
+
+    @property
+    def group(self) -> str:
+        """What the run is pooled under: its label, else its method."""
+        return self.label or self.method
 
     @property
     def seed(self) -> int | None:
@@ -88,10 +99,6 @@ class RunView:
         wall = _number(self.status.get("wall_s"))
         if wall is not None:
             return wall
-        t = self.metrics.get("time_s")
-        return float(np.nanmax(t)) if t is not None and np.isfinite(t).any() else None
-        if isinstance(self.status.get("wall_s"), (int, float)):
-            return float(self.status["wall_s"])
         t = self.metrics.get("time_s")
         return float(np.nanmax(t)) if t is not None and np.isfinite(t).any() else None
 
@@ -166,11 +173,58 @@ def mean_std(values: Sequence[float]) -> tuple[float, float] | None:
 
 
 def group_by_method(runs: Sequence[RunView], order: Sequence[str] | None = None) -> dict[str, list]:
-    """Runs grouped by method, in ``order`` first, then in order of appearance."""
+    """Runs grouped by :attr:`RunView.group` (variant label, else method), in ``order`` first,
+    then in order of appearance."""
     groups: dict[str, list[RunView]] = {m: [] for m in order or ()}
     for run in runs:
-        groups.setdefault(run.method, []).append(run)
+        groups.setdefault(run.group, []).append(run)
     return {m: rs for m, rs in groups.items() if rs}
+
+
+def group_name(group: str, runs: Sequence[RunView]) -> str:
+    """A group's name for a table: the variant, with the method(s) it trains when they differ
+    from its name (``w64 (frobenius)``)."""
+    methods = sorted({r.method for r in runs} - {group})
+    return f"{group} ({', '.join(methods)})" if methods else group
+
+
+_SEEDED = re.compile(r"-seed\d+")
+
+
+def variant_labels(paths: Iterable[str | os.PathLike]) -> dict[Path, str]:
+    """Run folder -> variant, for the runs of the ``lipgan compare`` folders among ``paths``:
+    a compare folder keeps the run of variant V and seed k in OUT/runs/V-seed<k>, and its
+    compare.json lists the variants under ``methods``."""
+    out: dict[Path, str] = {}
+    for raw in paths:
+        names = (_compare_json(raw) or {}).get("methods")
+        runs_dir = Path(raw) / "runs"
+        if not isinstance(names, list) or not runs_dir.is_dir():
+            continue
+        wanted = {n for n in names if isinstance(n, str)}
+        try:
+            found = list(runs_dir.iterdir())
+        except OSError:  # unreadable: expand_paths says so, in one line
+            continue
+        for run in found:
+            variant, seeded, rest = run.name.rpartition("-seed")
+            if seeded and variant in wanted and _SEEDED.fullmatch(seeded + rest):
+                out[run.resolve()] = variant
+    return out
+
+
+def load_runs(
+    paths: Iterable[str | os.PathLike], labels: dict[Path, str] | None = None
+) -> list[RunView]:
+    """Every run folder among ``paths`` (compare folders expanded), each labelled with its
+    variant: ``labels`` (run folder -> name) over those :func:`variant_labels` reads."""
+    paths = list(paths)
+    given = {Path(p).resolve(): name for p, name in (labels or {}).items()}
+    found = {**variant_labels(paths), **given}
+    runs = [load_run(p) for p in expand_paths(paths)]
+    for run in runs:
+        run.label = found.get(run.path.resolve())
+    return runs
 
 
 def run_row(run: RunView) -> dict:
@@ -192,6 +246,7 @@ def run_row(run: RunView) -> dict:
         value = (run.eval or {}).get(key)
         row[key] = float(value) if isinstance(value, (int, float)) else None
     row["eval_n"] = (run.eval or {}).get("n")
+    row.update(fid_marks_row(run))
     return row
 
 
@@ -204,7 +259,7 @@ COST_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("steps", "G steps", "generator steps done"),
     ("wall_s", "wall s", "training wall time"),
 )
-SUMMARY_COLUMNS = (*EVAL_KEYS, *COST_COLUMNS)
+SUMMARY_COLUMNS = (*EVAL_KEYS, *COST_COLUMNS, *TIME_COLUMNS)
 
 
 def summarize(runs: Sequence[RunView], order: Sequence[str] | None = None) -> list[dict]:
@@ -216,6 +271,7 @@ def summarize(runs: Sequence[RunView], order: Sequence[str] | None = None) -> li
         rows = [run_row(r) for r in done]
         entry: dict = {
             "method": method,
+            "name": group_name(method, group),
             "runs": len(group),
             "done": len(done),
             "failed": sum(r.state == "failed" for r in group),
@@ -237,6 +293,7 @@ MARKDOWN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("product_bound", "product bound"),
     ("ms_per_step", "ms / G step"),
     ("steps", "G steps"),
+    *((key, header) for key, header, _ in TIME_COLUMNS),
 )
 
 
@@ -283,24 +340,36 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def markdown_summary(paths: Iterable[str | os.PathLike], order: Sequence[str] | None = None) -> str:
-    """The per-method summary as a Markdown table (mean ± std over finished runs), with a
-    ``done/runs`` column; a method whose runs all failed shows the first failure's reason."""
+#: the time-to-quality columns of :func:`markdown_summary` (``lipgan compare`` prints them)
+QUALITY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("fid", "FID"),
+    *((key, header) for key, header, _ in TIME_COLUMNS),
+)
+
+
+def markdown_summary(
+    paths: Iterable[str | os.PathLike],
+    order: Sequence[str] | None = None,
+    columns: Sequence[tuple[str, str]] = MARKDOWN_COLUMNS,
+) -> str:
+    """The per-method summary as a Markdown table (mean ± std over finished runs) of
+    ``columns`` (key, header), with a ``done/runs`` column; a method whose runs all failed shows
+    the first failure's reason."""
     paths = list(paths)
     order = order if order is not None else compare_order(paths)
-    runs = [load_run(p) for p in expand_paths(paths)]
+    runs = load_runs(paths)
     summary = summarize(runs, order)
     by_method = group_by_method(runs, order)
-    head = ["method", "done", *(h for _, h in MARKDOWN_COLUMNS)]
+    head = ["method", "done", *(h for _, h in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in summary:
-        cells = [entry["method"], f"{entry['done']}/{entry['runs']}"]
+        cells = [entry["name"], f"{entry['done']}/{entry['runs']}"]
         if entry["done"]:
-            cells += [_md_stat(entry["stats"].get(key)) for key, _ in MARKDOWN_COLUMNS]
+            cells += [_md_stat(entry["stats"].get(key)) for key, _ in columns]
         else:
             failed = [r for r in by_method[entry["method"]] if r.state == "failed"]
             reason = (failed[0].reason or "failed") if failed else "not finished"
-            cells += [reason] + ["–"] * (len(MARKDOWN_COLUMNS) - 1)
+            cells += [reason] + ["–"] * (len(columns) - 1)
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -296,18 +296,41 @@ def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class Export(NamedTuple):
-    """A network to export: the module, its registry name and the builder's keyword options."""
+    """A network to export: the module, its registry name and the builder's keyword options.
+
+    ``RunFolder.save_checkpoint(state, {key: Export(...)})`` writes it as RUN/<key>.safetensors,
+    named with its sha256 in last.pt and the manifest. The key is the network's kind
+    (``generator``, ``critic``, ``classifier``) or ``<kind>_<name>`` for a second network of
+    that kind (``generator_ema``: the generator's moving average; see :func:`export_kind`).
+    """
 
     module: nn.Module
     model: str
     kwargs: dict[str, Any]
 
 
+#: the kinds of network a run exports (models.build's first argument)
+NETWORK_KINDS = ("generator", "critic", "classifier")
+
+
+def export_kind(key: str) -> str:
+    """The network kind an export named ``key`` holds: ``key`` itself, or ``<kind>`` for
+    ``<kind>_<name>`` (``generator_ema`` -> ``generator``); another name is refused."""
+    kind = key if key in NETWORK_KINDS else key.split("_", 1)[0]
+    if kind not in NETWORK_KINDS or (kind != key and not key[len(kind) + 1 :]):
+        raise LipganError(
+            f"export name {key!r}: use a network kind ({', '.join(NETWORK_KINDS)}) or "
+            "<kind>_<name>, e.g. generator_ema"
+        )
+    return kind
+
+
 def export_bytes(module: nn.Module, kind: str, name: str, kwargs: Mapping[str, Any]) -> bytes:
     """``module`` as a self-describing safetensors file, in memory.
 
-    Metadata: ``lipgan_kind`` (generator / critic / classifier), ``lipgan_model`` (the registry
-    name) and ``lipgan_kwargs`` (JSON of the builder's keyword arguments), which is all
+    Metadata: ``lipgan_kind`` (generator / critic / classifier; ``kind`` may be an export name
+    such as ``generator_ema``, see :func:`export_kind`), ``lipgan_model`` (the registry name) and
+    ``lipgan_kwargs`` (JSON of the builder's keyword arguments), which is all
     :func:`load_network` needs to rebuild it. The header is written in sorted order, so two
     equal networks give byte-equal files (and equal sha256).
     """
@@ -315,6 +338,7 @@ def export_bytes(module: nn.Module, kind: str, name: str, kwargs: Mapping[str, A
 
     from lipgan import models
 
+    kind = export_kind(kind)
     state = plain_state_dict(module)
     try:  # keep only what the plain architecture holds (a constraint may add buffers)
         want = models.build(kind, name, **kwargs).state_dict().keys()
@@ -415,10 +439,12 @@ def _check_tensors(net: nn.Module, state: Mapping[str, torch.Tensor], file: Path
 def load_network(path: str | Path, which: str = "critic") -> nn.Module:
     """Rebuild a network from a run folder (``RUN/<which>.safetensors``) or a safetensors file.
 
-    ``which`` is ``"critic"``, ``"generator"`` or ``"classifier"``; the file's metadata names the
-    architecture and its options. The bytes are checked against the run folder's manifest, and
-    names, shapes, dtypes and finiteness against the architecture (built on the meta device
-    first, so absurd metadata allocates nothing). Returns the module in eval mode on the CPU.
+    ``which`` is ``"critic"``, ``"generator"``, ``"classifier"`` or another export's name
+    (``"generator_ema"``, written when the run keeps a moving average); the file's metadata
+    names the architecture and its options. The bytes are checked against the run folder's
+    manifest, and names, shapes, dtypes and finiteness against the architecture (built on the
+    meta device first, so absurd metadata allocates nothing). Returns the module in eval mode
+    on the CPU.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load as load_bytes
