@@ -153,9 +153,10 @@ def test_metrics_csv_columns_and_truncation(tmp_path):
     with open(run.metrics_path) as fh:
         header = next(csv.reader(fh))
     assert header == [
-        "step", "time_s", "wasserstein", "loss_d", "loss_g", "penalty",
+        "step", "time_s", "cpu_s", "wasserstein", "loss_d", "loss_g", "penalty",
         "gnorm_real_mean", "gnorm_real_max", "gnorm_fake_mean", "gnorm_fake_max",
-        "gnorm_interp_mean", "gnorm_interp_max", "product_bound", "fid", "ms_per_step",
+        "gnorm_interp_mean", "gnorm_interp_max", "product_bound", "fid", "fid_mark_s",
+        "ms_per_step",
     ]  # fmt: skip
     run.truncate_logs(20)
     rows = run.read_metrics()

@@ -83,6 +83,12 @@ def test_a_registered_user_constraint_trains_resumes_bit_exactly_and_is_recorded
     raw = runs.load_network(whole / "generator.safetensors", "generator")
     assert ema.state_dict().keys() == raw.state_dict().keys()
     assert not all(torch.equal(ema.state_dict()[k], raw.state_dict()[k]) for k in ema.state_dict())
+    # last.pt names the EMA export like the other two; the manifest checks it on every load
+    assert set(state["exports"]) >= {"generator.safetensors", "generator_ema.safetensors"}
+    folder = runs.RunFolder(whole)
+    assert folder.stale_exports(folder.load_checkpoint()) == []
+    net = folder.load_export("generator_ema")
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in net.state_dict().items())
     assert runs.load_checkpoint(runs.Run(part).last_checkpoint)["extra"]["critic"]["calls"] == 20
 
 

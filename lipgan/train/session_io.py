@@ -66,12 +66,16 @@ def check_resume(cfg: TrainConfig, stored: dict, path: Path) -> None:
 
 
 def exports(trainer: GANTrainer) -> dict[str, runs.Export]:
-    """The generator and the critic as the run folder exports them (safetensors + rebuild info)."""
+    """The generator, its EMA (when kept) and the critic as the run folder exports them
+    (safetensors + rebuild info; ``generator_ema``, a generator: RUN/generator_ema.safetensors)."""
     model = trainer.cfg.model
-    return {
+    out = {
         "generator": runs.Export(trainer.generator, model, dict(trainer.gen_kwargs)),
         "critic": runs.Export(trainer.critic, model, dict(trainer.critic_kwargs)),
     }
+    if trainer.ema is not None:
+        out["generator_ema"] = runs.Export(trainer.ema.module, model, dict(trainer.gen_kwargs))
+    return out
 
 
 @isolated_rng()
@@ -81,9 +85,6 @@ def write_checkpoint(
     """The exports, then ``last.pt`` naming them (RunFolder.save_checkpoint's order): a kill
     between the two leaves the older checkpoint, and its resume rewrites the exports.
     ``extra``: the loop's own state (wall clock, budget, config), stored beside the trainer's."""
-    if trainer.ema is not None:  # beside the raw generator, before the checkpoint
-        path, kwargs = run.path / "generator_ema.safetensors", dict(trainer.gen_kwargs)
-        runs.export_network(trainer.ema.module, path, "generator", trainer.cfg.model, kwargs)
     state = trainer.state_dict()
     state.update(extra)
     run.save_checkpoint(state, exports(trainer), keep=keep)
