@@ -233,6 +233,9 @@ def test_conv_frobenius_bound_is_valid():
 
 
 def test_conv_power_iteration_differentiable_and_keeps_u():
+    # seeded: how fast power iteration converges depends on the draw's spectral gap (unseeded,
+    # the layer depended on which tests ran before in the same process)
+    torch.manual_seed(0)
     layer = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
     shape = (3, 8, 8)
     truth = dense_sigma(layer, shape)
