@@ -1,7 +1,7 @@
 """Time to quality: lipgan's best recipe against the textbook WGAN-GP loop on one budget.
 
     PYTHONPATH=. .venv/bin/python benchmarks/time_to_quality.py [--budget 300] [--clock wall]
-        [--threads 2] [--recipe fast-sn] [--eval-n 10000] [--json out.json]
+        [--threads 2] [--recipe fast-sn-t8] [--eval-n 10000] [--json out.json]
 
 The textbook side is the plain loop most WGAN-GP code uses, after the official ``gan_mnist.py``
 of Gulrajani et al. (2017): its networks (lipgan has them as ``dcgan28``, DIM = 64), Adam 1e-4
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget", type=float, default=300.0, help="seconds of training per side")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--recipe", default="fast-sn", choices=sorted(rs.RECIPES))
+    ap.add_argument("--recipe", default="fast-sn-t8", choices=sorted(rs.RECIPES))
     ap.add_argument("--eval-n", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the result here")
