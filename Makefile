@@ -40,8 +40,10 @@ run: install data
 lint: install
 	$(VENV)/bin/ruff check lipgan tests benchmarks
 
+# Two pytest workers (pytest-xdist), one per core, each test file kept on one worker; each worker
+# runs torch on one thread (tests/conftest.py).
 test: install system-deps data lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-slow: install system-deps data lint
 	$(PY) -m pytest -m "slow or not slow"

@@ -621,7 +621,7 @@ def test_lazy_penalty_every_k_critic_steps_with_weight_k(tiny):
 def test_fast_recipe_is_named_recorded_and_resumes_bit_exactly(tiny, tmp_path):
     fast = gan.resolve(TrainConfig(method="sn", recipe="fast"))
     assert (fast.loss, fast.n_critic, fast.lr_d, fast.lr_g, fast.beta1, fast.beta2) == (
-        "hinge", 1, 4e-4, 2e-4, 0.0, 0.9)  # fmt: skip
+        "hinge", 1, 8e-4, 4e-4, 0.0, 0.9)  # fmt: skip
     assert fast.generator_norm == "batch" and fast.constraint == "spectral-norm"
     assert (fast.batch_size, fast.ema_rampup, fast.ema) == (32, 0.02, 10_000.0)
     paper = gan.resolve(TrainConfig(method="sn"))
