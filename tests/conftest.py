@@ -17,6 +17,20 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs():
+    """Every test starts from the same global RNG state, whichever tests ran before it in its
+    process (two pytest workers run different sequences): a test's draws are its own."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def mnist():
     """Real MNIST from the cache (``make test`` fetches it first)."""

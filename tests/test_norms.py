@@ -209,6 +209,9 @@ def test_gram_circular_embedding_alone_is_still_an_upper_bound(layer, shape):
 
 
 def test_reshaped_norm_is_the_kernel_matrix_norm_and_below_operator_norm():
+    # seeded: torch's 50 power-iteration steps reach 1e-4 only where the draw's spectral gap
+    # allows (5 of 100 seeds do not); unseeded, the draw depended on the tests run before
+    torch.manual_seed(0)
     layer = nn.Conv2d(4, 6, 3, padding=1).double()
     shape = (4, 14, 14)
     W = layer.weight.detach().reshape(6, -1).numpy()
