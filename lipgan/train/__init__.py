@@ -4,7 +4,9 @@
 - :mod:`~lipgan.train.presets`: method presets with their sources, :func:`resolve`, ``methods()``;
 - :mod:`~lipgan.train.losses`, :mod:`~lipgan.train.device`, :mod:`~lipgan.train.rng`;
 - :mod:`~lipgan.train.gan`: :class:`GANTrainer`, the step arithmetic (no I/O);
-- :mod:`~lipgan.train.loop`: :class:`Session` and :func:`train`, the run folder around the steps;
+- :mod:`~lipgan.train.loop`: :class:`Session` and :func:`train`, the run folder around the steps
+  (:mod:`~lipgan.train.session_io`: resume checks, checkpoints, signals;
+  :mod:`~lipgan.train.budget`, :mod:`~lipgan.train.summary`: measurement budget, summary);
 - :mod:`~lipgan.train.distributed`: the same run on N processes (DDP).
 
 The names below are imported on first use (PEP 562), so ``lipgan.train.config`` stays light.
