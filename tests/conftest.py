@@ -31,6 +31,17 @@ def _seeded_global_rngs():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (numerics that must not depend on the thread count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def mnist():
     """Real MNIST from the cache (``make test`` fetches it first)."""

@@ -304,17 +304,23 @@ def test_new_run_refuses_existing_folder(tiny, tmp_path):
         gan.train(_cfg(tiny, tmp_path, steps=1))
 
 
-@pytest.mark.parametrize("method", ["wgan-gp", "sn", "snr"])
-def test_resume_is_bit_identical(tiny, tmp_path, method):
-    # two critic steps (not the presets' 5) are enough to carry the data stream across the cut;
-    # gradient norms at step 4 are the first measurement after the resume
-    kw = dict(method=method, lip_every=2, checkpoint_every=3, n_critic=2)
+def _whole_and_resumed(tiny, tmp_path, **kw):
+    """6 steps in one go (folder a) and 3 + a resume to 6 (folder b); both last.pt states."""
     a = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "a"), steps=6, **kw))
     b = str(tmp_path / "b")
     gan.train(_cfg(tiny, tmp_path, out=b, steps=3, **kw))
     gan.train(_cfg(tiny, tmp_path, out=b, steps=6, **kw), resume=True)
     sa = torch.load(Path(a) / "checkpoints/last.pt", weights_only=True)
     sb = torch.load(Path(b) / "checkpoints/last.pt", weights_only=True)
+    return a, b, sa, sb
+
+
+@pytest.mark.parametrize("method", ["wgan-gp", "sn", "snr"])
+def test_resume_is_bit_identical(tiny, tmp_path, method):
+    # two critic steps (not the presets' 5) are enough to carry the data stream across the cut;
+    # gradient norms at step 4 are the first measurement after the resume
+    kw = dict(method=method, lip_every=2, checkpoint_every=3, n_critic=2)
+    a, b, sa, sb = _whole_and_resumed(tiny, tmp_path, **kw)
     for net in ("generator", "critic"):
         for k, v in sa[net].items():
             assert torch.equal(v, sb[net][k]), (net, k)
@@ -637,12 +643,7 @@ def test_fast_recipe_is_named_recorded_and_resumes_bit_exactly(tiny, tmp_path):
     with pytest.raises(LipganError, match="no norm option"):
         gan.resolve(TrainConfig(method="sagan", generator_norm="batch"))
     kw = dict(method="sn", recipe="fast", ema_rampup=0.2, checkpoint_every=3)
-    a = gan.train(_cfg(tiny, tmp_path, out=str(tmp_path / "a"), steps=6, **kw))
-    b = str(tmp_path / "b")
-    gan.train(_cfg(tiny, tmp_path, out=b, steps=3, **kw))
-    gan.train(_cfg(tiny, tmp_path, out=b, steps=6, **kw), resume=True)
-    sa = torch.load(Path(a) / "checkpoints/last.pt", weights_only=True)
-    sb = torch.load(Path(b) / "checkpoints/last.pt", weights_only=True)
+    a, b, sa, sb = _whole_and_resumed(tiny, tmp_path, **kw)
     for key in ("generator", "critic"):
         assert all(torch.equal(v, sb[key][k]) for k, v in sa[key].items()), key
     assert all(torch.equal(v, sb["ema"]["module"][k]) for k, v in sa["ema"]["module"].items())

@@ -7,13 +7,7 @@ import torch
 
 from lipgan.analysis.lipsdp import lipsdp_dual_bound, lipsdp_neuron
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cvxpy_lipsdp(W0, W1, slope):
