@@ -31,9 +31,11 @@ def _seeded_global_rngs():
     torch.manual_seed(0)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """torch on one thread for the test (numerics that must not depend on the thread count)."""
+    """torch on one thread for a test module (tiny layers: one thread is faster, far faster on a
+    loaded machine; numerics that must not depend on the thread count). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     import torch
 
     before = torch.get_num_threads()

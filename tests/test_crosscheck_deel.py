@@ -36,12 +36,7 @@ lip = pytest.importorskip("deel.torchlip")
 REL = 1e-6  # rounding slack: float64 truth against float64 bounds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,13 +13,7 @@ from torch import nn
 from lipgan import layers as L
 from lipgan.errors import LipganError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def polar_factor(w: torch.Tensor) -> torch.Tensor:
