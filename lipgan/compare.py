@@ -11,8 +11,9 @@ A *variant* is a name and the training fields it sets: each method of ``methods`
 ``NAME: {method: NAME}``, and ``variants`` adds any others (``w64: {method: frobenius, width:
 64}``), so a sweep over one method's settings is a comparison too. Every run gets the same
 budget: the same wall-clock time (``budget_s``, the fair comparison when methods differ in cost
-per step, as a gradient penalty's double backward does) or the same number of generator steps
-(``steps``). Each finished run is scored by ``lipgan.metrics.evaluate`` on ``eval_n`` generated
+per step, as a gradient penalty's double backward does), the same CPU time (``budget_s`` with
+``budget_clock="cpu"``: the same compute whatever else loads the machine) or the same number of
+generator steps (``steps``). Each finished run is scored by ``lipgan.metrics.evaluate`` on ``eval_n`` generated
 samples (same latent seed for every run) against the test set.
 
 Running it again on the same folder resumes: a run whose status.json says ``done`` is kept, one
@@ -41,6 +42,7 @@ from lipgan.experiments.compare_settings import (
     TRAIN_FLAGS,
     CompareConfig,
     budget_slack,
+    budget_used,
     check_settings,
     format_duration,
     parse_duration,
@@ -98,18 +100,20 @@ def _train_one(cell: Cell, cfg: CompareConfig, ctx: Context, tag: str) -> None:
         loop.train(_train_config(cell, cfg, cfg.steps, resume, ctx.threads), resume=resume, **kw)
         return
     tc = _train_config(cell, cfg, BUDGET_STEP_CAP, resume, ctx.threads)
+    limit = "max_cpu_s" if cfg.budget_clock == "cpu" else "max_time_s"
     try:
-        loop.train(tc.replace(max_time_s=float(cfg.budget_s)), resume=resume, **kw)
+        loop.train(tc.replace(**{limit: float(cfg.budget_s)}), resume=resume, **kw)
     except loop.TimeLimitReached:
         # Killed after its final checkpoint but before it was marked done: it is complete.
         st = _status(cell.path)
         with RunFolder(cell.path) as run:
             run.write_status(
-                "done", int(st.get("step") or 0), int(st.get("steps") or 0), float(st["wall_s"])
-            )
+                "done", int(st.get("step") or 0), int(st.get("steps") or 0), float(st["wall_s"]),
+                extra=st,  # the CPU seconds and the measurement budget kept
+            )  # fmt: skip
     st = _status(cell.path)
     ctx.log(
-        f"{tag}: step {st.get('step')}, {float(st.get('wall_s') or 0):.1f} s of "
+        f"{tag}: step {st.get('step')}, {budget_used(st, cfg):.1f} {cfg.budget_clock} s of "
         f"{float(cfg.budget_s):.0f} s"
     )
 
@@ -135,9 +139,9 @@ def _action(cell: Cell, cfg: CompareConfig) -> str:
     budget mode done short of the budget) or ``train`` (the rest), from the run's folder."""
     status = _status(cell.path)
     state = status.get("state")
-    short = cfg.budget_s is not None and float(
-        status.get("wall_s") or 0.0
-    ) < cfg.budget_s - budget_slack(cfg.budget_s)
+    short = cfg.budget_s is not None and budget_used(status, cfg) < cfg.budget_s - budget_slack(
+        cfg.budget_s
+    )
     if state == "done" and short and _has_checkpoint(cell.path):
         return "resume"
     if state == "done":
@@ -222,7 +226,10 @@ def write_report(cells: Sequence[Cell], cfg: CompareConfig, out: Path) -> Path |
     paths = [c.path for c in cells if report.is_run_folder(c.path)]
     if not paths:
         return None
-    bound = f"{format_duration(cfg.budget_s)} per run" if cfg.budget_s else f"{cfg.steps} G steps"
+    clock = " of CPU" if cfg.budget_clock == "cpu" else ""
+    bound = (
+        f"{format_duration(cfg.budget_s)}{clock} per run" if cfg.budget_s else f"{cfg.steps} G steps"
+    )
     title = f"lipgan compare: {out.name} ({bound}, {cfg.seeds} seed(s))"
     order = list(dict.fromkeys(c.variant for c in cells))
     labels = {c.path: c.variant for c in cells}
@@ -252,7 +259,11 @@ def run_compare(
     dataset = cfg.dataset or "mnist"
     can_eval = cfg.evaluate and _metrics_available(dataset, log)
     todo = [c for c in cells if c.action != "keep"]
-    per_run = f"{format_duration(cfg.budget_s)} each" if cfg.budget_s else f"{cfg.steps} steps each"
+    per_run = (
+        f"{format_duration(cfg.budget_s)}{' of CPU' if cfg.budget_clock == 'cpu' else ''} each"
+        if cfg.budget_s
+        else f"{cfg.steps} steps each"
+    )
     est = ""
     if cfg.budget_s and todo:
         est = f", about {format_duration(cfg.budget_s * math.ceil(len(todo) / cfg.jobs))}"

@@ -258,6 +258,37 @@ def test_budget_real_runs(tmp_path, spy):
     assert again["state"] == "done" and again["step"] == st["step"]
 
 
+def test_a_cpu_budget_bounds_each_run_by_its_own_cpu_seconds(tmp_path):
+    """``budget_clock="cpu"``: the run stops once its process has used the budget in CPU
+    seconds (status.json's cpu_s), however long that took on the wall; a rerun keeps it, and
+    a folder started with the wall clock refuses the CPU clock rather than mix them."""
+    budget = 3.0
+    cfg = tiny(tmp_path / "c", methods=["sn"], steps=None, budget_s=budget, evaluate=False)
+    cfg.budget_clock = "cpu"
+    paths = run_compare(cfg)
+    st = json.loads((tmp_path / "c" / "runs" / "sn-seed0" / "status.json").read_text())
+    assert st["state"] == "done" and budget <= st["cpu_s"] < budget + 120
+    (row,) = _rows(paths["results"])
+    assert 0 < int(row["steps"]) < compare.BUDGET_STEP_CAP
+    assert all(p.action == "keep" for p in plan_runs(cfg))
+    cfg.budget_clock = "wall"  # the same folder, the other clock: refused, nothing changed
+    with pytest.raises(LipganError, match="budget_clock"):
+        run_compare(cfg)
+
+
+def test_plan_with_the_cpu_clock_reads_cpu_seconds(tmp_path):
+    cfg = tiny(tmp_path, methods=["a", "b"], steps=None, budget_s=100.0)
+    cfg.budget_clock = "cpu"
+    for name, cpu in (("a", 99.0), ("b", 40.0)):
+        run = tmp_path / "runs" / f"{name}-seed0"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.pt").write_bytes(b"x")
+        # both used the whole wall budget; only a used its CPU budget
+        (run / "status.json").write_text(json.dumps({"state": "done", "wall_s": 100.0,
+                                                     "cpu_s": cpu}))
+    assert [p.action for p in plan_runs(cfg)] == ["keep", "resume"]
+
+
 def test_an_interrupted_budget_run_resumes_with_the_time_it_has_left(tmp_path, monkeypatch):
     """Ctrl-C in the middle of a budget run; the rerun resumes it from its checkpoint and
     stops when the time summed over both segments reaches the budget."""
@@ -357,6 +388,9 @@ def test_cli_passes_the_training_flags_on(monkeypatch, tmp_path, capsys):
     assert seen["cfg"].budget_s is None and seen["cfg"].steps == 5
     assert main(["compare", "--out", str(tmp_path)]) == 0
     assert seen["cfg"].budget_s == 1200.0  # 20m by default
+    assert seen["cfg"].budget_clock == "wall"
+    assert main(["compare", "--out", str(tmp_path), "--budget", "5m", "--budget-clock", "cpu"]) == 0
+    assert (seen["cfg"].budget_s, seen["cfg"].budget_clock) == (300.0, "cpu")
     assert main(["compare", "--out", str(tmp_path), "--budget", "soon"]) == 2
     assert "20m" in capsys.readouterr().err
 

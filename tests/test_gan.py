@@ -142,6 +142,20 @@ def test_auto_precision_is_resolved_to_what_runs_and_recorded(tiny, tmp_path):
     assert written["precision"] in ("fp32", "bf16") and isinstance(written["channels_last"], bool)
 
 
+def test_a_cpu_limit_ends_the_run_at_its_cpu_seconds_and_refuses_a_resume(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path, steps=10**6, max_cpu_s=1.5, sample_every=10**6, lip_every=0)
+    path = gan.train(cfg)
+    st = json.loads((path / "status.json").read_text())
+    assert st["state"] == "done" and 0 < st["step"] < 10**6 and st["cpu_s"] >= 1.5
+    assert (path / "samples" / "last.png").is_file()
+    with pytest.raises(LipganError, match="max_cpu_s"):
+        gan.resolve(TrainConfig(max_cpu_s=-1))
+    before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    with pytest.raises(gan.TimeLimitReached, match="larger --max-cpu-s"):
+        gan.train(cfg.replace(steps=10**7), resume=True)
+    assert before == {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
 def test_a_time_limit_ends_the_run_like_its_last_step(tiny, tmp_path):
     cfg = _cfg(tiny, tmp_path, steps=10**6, max_time_s=1.5, sample_every=10**6, lip_every=0)
     path = gan.train(cfg)
@@ -624,6 +638,21 @@ def test_lazy_penalty_every_k_critic_steps_with_weight_k(tiny):
         TrainConfig(penalty_every=0)
 
 
+def test_every_wgan_method_has_a_fast_recipe_that_keeps_its_mechanism():
+    """The fast recipes change the training around the critic, never how it is kept
+    Lipschitz: the same constraint with the same options as the paper preset."""
+    from lipgan.train import presets
+
+    for method in ("wgan-clip", "wgan-gp", "wgan-lp", "sn", "snr", "frobenius"):
+        paper = gan.resolve(TrainConfig(method=method))
+        fast = gan.resolve(TrainConfig(method=method, recipe="fast"))
+        assert (fast.constraint, fast.generator_constraint) == (
+            paper.constraint, paper.generator_constraint), method  # fmt: skip
+        assert fast.constraint_options == paper.constraint_options or method == "wgan-clip"
+        assert fast.recipe == "fast" and fast.generator_norm == "batch", method
+        assert not set(presets.FAST[method]) & {"constraint", "generator_constraint", "model"}
+
+
 def test_fast_recipe_is_named_recorded_and_resumes_bit_exactly(tiny, tmp_path):
     fast = gan.resolve(TrainConfig(method="sn", recipe="fast"))
     assert (fast.loss, fast.n_critic, fast.lr_d, fast.lr_g, fast.beta1, fast.beta2) == (
@@ -639,7 +668,7 @@ def test_fast_recipe_is_named_recorded_and_resumes_bit_exactly(tiny, tmp_path):
                                    ema_rampup=0.0))  # fmt: skip
     assert (mine.lr_d, mine.batch_size, mine.ema_rampup) == (1e-3, 64, 0.0)
     with pytest.raises(LipganError, match="no fast recipe"):
-        gan.resolve(TrainConfig(method="wgan-clip", recipe="fast"))
+        gan.resolve(TrainConfig(method="gan", recipe="fast"))
     with pytest.raises(LipganError, match="no norm option"):
         gan.resolve(TrainConfig(method="sagan", generator_norm="batch"))
     kw = dict(method="sn", recipe="fast", ema_rampup=0.2, checkpoint_every=3)

@@ -380,6 +380,20 @@ def test_fid_at_time_marks(tmp_path):
     assert report.run_row(old)["fid_1m"] is None
 
 
+def test_fid_at_reads_cpu_seconds_for_a_cpu_budget_run(tmp_path):
+    """A run bounded by --max-cpu-s (compare --budget-clock cpu): its marks are CPU seconds,
+    so fid_at interpolates on cpu_s, not on the (here twice as long) wall time."""
+    path = make_run(tmp_path / "a", "sn", 0, columns=NEW_COLUMNS,
+                    rows=_fid_rows([200.0, 400.0], [500.0, 300.0], cpu=[100.0, 200.0]))
+    wall = report.load_run(path)
+    assert report.fid_at(wall, 150.0) is None  # before its first row at 200 wall s
+    with open(path / "config.yaml", "a") as fh:
+        fh.write("max_cpu_s: 200.0\n")
+    cpu = report.load_run(path)
+    assert report.fid_at(cpu, 150.0) == pytest.approx(400.0)
+    assert report.run_row(cpu)["fid_2m"] == pytest.approx(460.0)
+
+
 def test_time_to_quality_table_is_mean_std_over_seeds_with_dashes(tmp_path):
     a = make_run(tmp_path / "a", "sn", 0, rows=_fid_rows([60.0, 120.0], [300.0, 200.0]))
     b = make_run(tmp_path / "b", "sn", 1, rows=_fid_rows([60.0, 120.0], [340.0, 260.0]))

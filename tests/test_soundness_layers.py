@@ -515,3 +515,14 @@ def test_conv_gram_matches_the_dense_gram_and_its_error_bound():
         ev, ev_ref = torch.linalg.eigvalsh(G.tril() + G.tril(-1).t()), torch.linalg.eigvalsh(ref)
         assert torch.allclose(ev, ev_ref, atol=1e-12, rtol=0)
         assert 0 < delta < 1e-9
+
+
+def test_the_cholesky_certificate_reads_only_the_lower_triangle():
+    """A Gram symmetric only up to rounding is safe: what lies above the diagonal is not read."""
+    torch.manual_seed(3)
+    A = torch.randn(40, 30, dtype=torch.float64)
+    G = A @ A.t()
+    junk = G.tril() + torch.triu(torch.randn(40, 40, dtype=torch.float64) * 50, 1)
+    lam = float(torch.linalg.eigvalsh(G)[-1])
+    for t in (lam * (1 + 1e-6), lam * (1 - 1e-6)):
+        assert iteration.cholesky_certifies(G, t) == iteration.cholesky_certifies(junk, t)

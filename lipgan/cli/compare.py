@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 #: TrainConfig fields compare sets for each run itself (its --steps/--budget, --out, --quiet)
-_SET_BY_COMPARE = ("method", "seed", "steps", "max_time_s", "out", "quiet")
+_SET_BY_COMPARE = ("method", "seed", "steps", "max_time_s", "max_cpu_s", "out",
+                   "quiet")
 
 
 def register(sub) -> None:
@@ -49,6 +50,13 @@ def register(sub) -> None:
         help="wall time per run, like 20m, 90s, 1.5h (default 20m unless --steps is given)",
     )
     bound.add_argument("--steps", type=int, default=None, help="generator steps per run instead")
+    p.add_argument(
+        "--budget-clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what --budget counts: wall seconds (default) or each run's CPU seconds (all its "
+        "threads; equal compute per method whatever else loads the machine)",
+    )
     p.add_argument("--out", required=True, help="comparison folder (runs/, results.csv, report)")
     g = p.add_argument_group(
         "training flags passed to every run (every `lipgan train` field; default: its own)"
@@ -115,6 +123,7 @@ def _compare(args) -> int:
         methods=methods,
         seeds=args.seeds,
         budget_s=budget,
+        budget_clock=args.budget_clock,
         steps=args.steps,
         **named,
         train_options=options,

@@ -35,12 +35,14 @@ _OWN_FIELDS = {"method", "seed", "steps", "out", "quiet"}
 
 @dataclass
 class CompareConfig:
-    """What to compare. Exactly one of ``budget_s`` and ``steps`` bounds each run."""
+    """What to compare. Exactly one of ``budget_s`` and ``steps`` bounds each run;
+    ``budget_clock`` says whether ``budget_s`` counts wall seconds or the run's CPU seconds."""
 
     out: str
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: int = 2
     budget_s: float | None = None
+    budget_clock: str = "wall"
     steps: int | None = None
     model: str | None = None
     width: int | None = None
@@ -130,6 +132,8 @@ def check(cfg: CompareConfig) -> list[Variant]:
     returns the variants."""
     if (cfg.budget_s is None) == (cfg.steps is None):
         raise LipganError("give exactly one of --budget (wall time per run) and --steps")
+    if cfg.budget_clock not in ("wall", "cpu"):
+        raise LipganError(f"--budget-clock must be wall or cpu, got {cfg.budget_clock!r}")
     if cfg.steps is not None and (isinstance(cfg.steps, bool) or cfg.steps < 1):
         raise LipganError(f"--steps must be at least 1, got {cfg.steps}")
     sweep.check_jobs(cfg.jobs)
@@ -164,6 +168,11 @@ def check(cfg: CompareConfig) -> list[Variant]:
 BUDGET_STEP_CAP = 10**8
 
 
+def budget_used(status: dict, cfg: CompareConfig) -> float:
+    """Seconds of ``cfg``'s budget clock a run (its status.json) has used."""
+    return float(status.get("cpu_s" if cfg.budget_clock == "cpu" else "wall_s") or 0.0)
+
+
 def budget_slack(budget_s: float) -> float:
     """Time left under which a budget run counts as complete: 3% of the budget, at least 0.5 s."""
     return max(0.03 * budget_s, 0.5)
@@ -177,6 +186,7 @@ SETTINGS_FILE = "compare.json"
 def settings(cfg: CompareConfig, variants: Sequence[Variant]) -> dict:
     return {
         "budget_s": cfg.budget_s,
+        "budget_clock": cfg.budget_clock,
         "steps": cfg.steps,
         "train": cfg.train_flags(),
         "eval_n": cfg.eval_n if cfg.evaluate else None,
@@ -197,7 +207,10 @@ def check_settings(cfg: CompareConfig, variants: Sequence[Variant], out: Path) -
             before = json.loads(read_text(path))
         except ValueError:
             before = {}
-        diffs = [k for k in ("budget_s", "steps", "train") if before.get(k) != fixed[k]]
+        before.setdefault("budget_clock", "wall")  # folders from before the CPU clock
+        diffs = [
+            k for k in ("budget_s", "budget_clock", "steps", "train") if before.get(k) != fixed[k]
+        ]
         old_v, new_v = before.get("variants") or {}, fixed["variants"]
         if any(old_v[n] != new_v[n] for n in set(old_v) & set(new_v)):
             diffs.append("variants")

@@ -83,13 +83,14 @@ def _e(value) -> str:
 
 def _common_config(runs: Sequence[RunView]) -> dict:
     """Config entries shared by every run (so the page says what was held fixed)."""
-    keys = ("model", "width", "dataset", "batch_size", "device", "precision", "steps", "max_time_s")
+    keys = ("model", "width", "dataset", "batch_size", "device", "precision", "steps", "max_time_s",
+            "max_cpu_s")
     out = {}
     for key in keys:
         values = {json.dumps(r.config.get(key), sort_keys=True, default=str) for r in runs}
         if len(values) == 1 and runs and runs[0].config.get(key) not in (None, 0, 0.0):
             out[key] = runs[0].config[key]
-    if "max_time_s" in out:
+    if "max_time_s" in out or "max_cpu_s" in out:
         out.pop("steps", None)  # a time-bounded run's step count is only a cap
     return out
 

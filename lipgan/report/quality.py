@@ -1,4 +1,4 @@
-"""Time to quality: a run's FID at given wall times, and FID curves pooled over seeds.
+"""Time to quality: a run's FID at given times, and FID curves pooled over seeds.
 
 A run logs FID rows in metrics.csv (``fid`` with its ``time_s`` and, from runs written since the
 column exists, ``cpu_s``: the training process's CPU seconds, and ``fid_mark_s``: the wall-time
@@ -22,8 +22,9 @@ TIME_COLUMNS: tuple[tuple[str, str, str], ...] = tuple(
     (
         f"fid_{int(m // 60)}m",
         f"FID @ {int(m // 60)} min",
-        f"FID at {int(m)} s of wall time: the row taken at that mark, else interpolated "
-        "between the FID rows around it; – where the run has none",
+        f"FID at {int(m)} s of wall time (of CPU time for a CPU-budget run): the row taken "
+        "at that mark, else interpolated between the FID rows around it; – where the run has "
+        "none",
     )
     for m in MARKS_S
 )
@@ -40,17 +41,24 @@ def fid_rows(run, x: str = "time_s") -> tuple[np.ndarray, np.ndarray]:
     return t[ok][order], fid[ok][order]
 
 
+def run_clock(run) -> str:
+    """The metrics column of a run's budget clock: ``cpu_s`` for a CPU-bounded run
+    (``max_cpu_s``, e.g. `lipgan compare --budget-clock cpu`), else ``time_s`` (wall)."""
+    return "cpu_s" if (run.config or {}).get("max_cpu_s") else "time_s"
+
+
 def fid_at(run, seconds: float) -> float | None:
-    """FID at ``seconds`` of wall time: the row logged for that mark (``fid_mark_s``), else the
-    linear interpolation ``f0 + (s - t0) (f1 - f0) / (t1 - t0)`` between the FID rows around it,
-    else the last row when it is within MARK_TOLERANCE of the mark; None before the first FID
-    row or well past the last."""
+    """FID at ``seconds`` of the run's budget clock (:func:`run_clock`: wall time, or CPU time
+    for a CPU-bounded run): the row logged for that mark (``fid_mark_s``), else the linear
+    interpolation ``f0 + (s - t0) (f1 - f0) / (t1 - t0)`` between the FID rows around it, else
+    the last row when it is within MARK_TOLERANCE of the mark; None before the first FID row or
+    well past the last."""
     marks = run.metrics.get("fid_mark_s")
     if marks is not None and "fid" in run.metrics:
         hit = np.isfinite(run.metrics["fid"]) & np.isclose(marks, seconds)
         if hit.any():
             return float(run.metrics["fid"][hit][0])
-    t, fid = fid_rows(run)
+    t, fid = fid_rows(run, run_clock(run))
     if not t.size or seconds < t[0]:
         return None
     if seconds <= t[-1]:

@@ -366,6 +366,11 @@ class TrainConfig(Config):
         0.0, "stop when the run has trained this many seconds (summed over resumes) and end it as "
         "at --steps; 0: no limit (`lipgan compare --budget` uses it)", low=0.0,
     )  # fmt: skip
+    max_cpu_s: float = option(
+        0.0, "stop when the run's process has used this many CPU seconds (all threads, training "
+        "and measurement, summed over resumes) and end it as at --steps: an equal CPU budget "
+        "whatever the machine's load; 0: no limit (`lipgan compare --budget-clock cpu`)", low=0.0,
+    )  # fmt: skip
     batch_size: int | None = option(
         None, "samples per batch (real and fake each; default the recipe's, else 64)",
         low=1, high=MAX_BATCH,
@@ -449,8 +454,8 @@ class TrainConfig(Config):
     )  # fmt: skip
     fid_at_s: list = option(
         [60.0, 120.0, 300.0, 600.0], "FID (EMA generator, --fid-n samples) when the run's wall "
-        "time passes each of these seconds, e.g. 60,120,300 (empty or --fid-every -1: none); "
-        "within the budget",
+        "time (its CPU time with --max-cpu-s) passes each of these seconds, e.g. 60,120,300 "
+        "(empty or --fid-every -1: none); within the budget",
     )  # fmt: skip
     measure_budget: float = option(
         0.05, "largest share of the run's wall time for measurements (gradient norms, layer "

@@ -63,11 +63,11 @@ def _run_rank(
         payload: dict[str, Any]
         if rank == 0:
             try:
-                if cfg.max_time_s:
+                if cfg.max_time_s or cfg.max_cpu_s:
                     # Ranks would each read their own clock and could stop at different steps.
                     raise LipganError(
-                        "--max-time-s is not supported with several processes; pass "
-                        "--max-time-s 0 and bound the run with --steps"
+                        "--max-time-s and --max-cpu-s are not supported with several "
+                        "processes; pass 0 and bound the run with --steps"
                     )
                 if cfg.batch_size % world:
                     raise LipganError(

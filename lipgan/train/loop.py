@@ -43,7 +43,7 @@ LOSS_KEYS = ("wasserstein", "loss_d", "penalty", "loss_g")
 
 
 class TimeLimitReached(LipganError):
-    """Raised when a run is resumed that has already used its ``max_time_s``."""
+    """Raised when a run is resumed that has already used its ``max_time_s`` or ``max_cpu_s``."""
 
 
 class NonFiniteLoss(LipganError):
@@ -126,7 +126,7 @@ class Session:
         self.pending: dict[str, int] = {}  # postponed measurements: kind -> step first due
         # FID marks still ahead (those an earlier segment passed were taken, or were lost
         # with the rows past its checkpoint: truncate_logs)
-        self.marks = [m for m in cfg.fid_at_s if m > wall0]
+        self.marks = [m for m in cfg.fid_at_s if m > self.mark_clock()]
         self.ended = False  # the last step was the run's end (steps reached or time limit)
         if trainer.step == 0:
             self._checkpoint(keep=False)  # rollback target before any step
@@ -186,6 +186,12 @@ class Session:
                     f"{cfg.max_time_s:g}); resume with a larger --max-time-s, or --max-time-s 0 "
                     "to train to --steps"
                 )
+            if cfg.max_cpu_s and budget.cpu() >= cfg.max_cpu_s:
+                raise TimeLimitReached(
+                    f"{run.path} has used its CPU limit ({budget.cpu():.0f} s of max_cpu_s "
+                    f"{cfg.max_cpu_s:g}); resume with a larger --max-cpu-s, or --max-cpu-s 0 "
+                    "to train to --steps"
+                )
         # Everything checked: only now touch the folder.
         if resume:
             run.write_config(cfg.to_dict())
@@ -204,6 +210,11 @@ class Session:
 
     def wall(self) -> float:
         return self.wall0 + time.perf_counter() - self.t_start
+
+    def mark_clock(self) -> float:
+        """The clock of the FID marks: the run's CPU seconds for a CPU-bounded run (its
+        budget's clock), else its wall seconds."""
+        return self.budget.cpu() if self.cfg.max_cpu_s else self.wall()
 
     def run(self, until: int | None = None) -> None:
         """Train to generator step ``until`` (at most ``cfg.steps``)."""
@@ -231,7 +242,11 @@ class Session:
             return
         w = losses["wasserstein"]
         self.w_ema = w if self.w_ema is None else 0.9 * self.w_ema + 0.1 * w
-        end = step >= cfg.steps or bool(cfg.max_time_s and self.wall() >= cfg.max_time_s)
+        end = (
+            step >= cfg.steps
+            or bool(cfg.max_time_s and self.wall() >= cfg.max_time_s)
+            or bool(cfg.max_cpu_s and self.budget.cpu() >= cfg.max_cpu_s)
+        )
         self.ended = end
 
         def due(every: int) -> bool:
@@ -247,7 +262,7 @@ class Session:
         if cfg.fid_every >= 0 and (due(cfg.fid_every) or end):
             self._due("fid", step)
         marks = cfg.fid_every >= 0 and self.marks  # --fid-every -1: no FID at all
-        if marks and self.wall() >= self.marks[0] and "fid_mark" not in self.pending:
+        if marks and self.mark_clock() >= self.marks[0] and "fid_mark" not in self.pending:
             self._due("fid_mark", step)
         self._measure(step, row, end)
         if row:
@@ -303,7 +318,7 @@ class Session:
                 else:
                     self._log_fid(row)
             if kind in ("fid", "fid_mark"):
-                passed = [m for m in self.marks if m <= self.wall()]
+                passed = [m for m in self.marks if m <= self.mark_clock()]
                 if passed:
                     row["fid_mark_s"] = passed[-1]
                     self.marks = self.marks[len(passed):]
