@@ -13,8 +13,8 @@ A *variant* is a name and the training fields it sets: each method of ``methods`
 budget: the same wall-clock time (``budget_s``, the fair comparison when methods differ in cost
 per step, as a gradient penalty's double backward does), the same CPU time (``budget_s`` with
 ``budget_clock="cpu"``: the same compute whatever else loads the machine) or the same number of
-generator steps (``steps``). Each finished run is scored by ``lipgan.metrics.evaluate`` on ``eval_n`` generated
-samples (same latent seed for every run) against the test set.
+generator steps (``steps``). Each finished run is scored by ``lipgan.metrics.evaluate`` on
+``eval_n`` generated samples (same latent seed for every run) against the test set.
 
 Running it again on the same folder resumes: a run whose status.json says ``done`` is kept, one
 that was interrupted (``running``) resumes from its last checkpoint with what is left of its
@@ -227,9 +227,8 @@ def write_report(cells: Sequence[Cell], cfg: CompareConfig, out: Path) -> Path |
     if not paths:
         return None
     clock = " of CPU" if cfg.budget_clock == "cpu" else ""
-    bound = (
-        f"{format_duration(cfg.budget_s)}{clock} per run" if cfg.budget_s else f"{cfg.steps} G steps"
-    )
+    per_run = f"{format_duration(cfg.budget_s)}{clock} per run" if cfg.budget_s else ""
+    bound = per_run or f"{cfg.steps} G steps"
     title = f"lipgan compare: {out.name} ({bound}, {cfg.seeds} seed(s))"
     order = list(dict.fromkeys(c.variant for c in cells))
     labels = {c.path: c.variant for c in cells}
