@@ -200,7 +200,12 @@ def _clear_for_training(cell: Cell, out: Path) -> None:
 
 
 def _needs_eval(path: Path, n: int) -> bool:
-    return (RunFolder(path).read_eval() or {}).get("n") != n
+    """No eval.json of ``n`` samples of the generator compare scores (the EMA one where the run
+    keeps it; an eval.json without ``generator`` was written from the raw one)."""
+    from lipgan.metrics import sampling
+
+    done = RunFolder(path).read_eval() or {}
+    return done.get("n") != n or done.get("generator", "raw") != sampling.generator_source(path)[1]
 
 
 # --------------------------------------------------------------------------- results

@@ -117,21 +117,52 @@ def test_every_run_trained_evaluated_and_tabled(done):
     assert all(r[k] == "" for r in rows for k in ("fid_1m", "fid_2m", "fid_5m", "fid_10m"))
     page = paths["report"].read_text()
     assert "FID @ 10 min" in page and 'id="quality"' in page
+    assert "n = 128 samples of the ema generator" in page  # the report says what was scored
 
 
-def test_eval_json_matches_an_independent_fid(done):
-    """eval.json's FID against lipgan.metrics.fid of the generator's samples, drawn here."""
+def _independent_fid(run: Path, which: str) -> float:
     from lipgan import metrics, runs
 
-    _, out, _ = done
-    run = out / "runs" / "sn-seed1"
-    g = runs.load_network(run, "generator")
+    g = runs.load_network(run, which)
     z = torch.randn(128, g.z_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         x = g(z)
+    return metrics.fid(x, "mnist")
+
+
+def test_eval_json_is_the_ema_generators_fid(done):
+    """eval.json's FID against lipgan.metrics.fid of the EMA generator's samples, drawn here:
+    compare scores the moving average (issue 19), and eval.json says so."""
+    _, out, _ = done
+    run = out / "runs" / "sn-seed1"
     ev = json.loads((run / "eval.json").read_text())
-    assert ev["n"] == 128
-    assert ev["fid"] == pytest.approx(metrics.fid(x, "mnist"), rel=1e-6)
+    assert ev["n"] == 128 and ev["generator"] == "ema"
+    ema = _independent_fid(run, "generator_ema")
+    assert ema != _independent_fid(run, "generator")  # the two generators differ
+    assert ev["fid"] == pytest.approx(ema, rel=1e-6)
+
+
+def test_a_raw_generators_eval_json_is_redone_with_the_ema_one(tmp_path):
+    """An eval.json of the last iterate (``lipgan eval --raw``, or one written before compare
+    scored the average: no ``generator`` key) is not compare's result: compare scores again."""
+    from lipgan.metrics import sampling
+
+    out = tmp_path / "c"
+    cfg = tiny(out, methods=["gan"])
+    run_compare(cfg)
+    run = out / "runs" / "gan-seed0"
+    raw = sampling.evaluate_run(run, n=128, raw=True)
+    assert raw["generator"] == "raw"
+    assert raw["fid"] == pytest.approx(_independent_fid(run, "generator"), rel=1e-6)
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["generator"] == "raw"
+    del ev["generator"]  # the shape of an older eval.json
+    (run / "eval.json").write_text(json.dumps(ev))
+    paths = run_compare(cfg)
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["generator"] == "ema"
+    assert ev["fid"] == pytest.approx(_independent_fid(run, "generator_ema"), rel=1e-6)
+    assert float(_rows(paths["results"])[0]["fid"]) == pytest.approx(ev["fid"])
 
 
 def test_report_table_is_mean_and_std_over_seeds(done):

@@ -623,6 +623,55 @@ def test_bound_form_penalizes_the_excess_of_the_norm_product(name):
 
 
 @pytest.mark.parametrize("name", ["spectral-norm-reg", "frobenius-reg"])
+def test_unit_form_is_two_sided(name):
+    """``form="unit"``: ``lam * (prod - 1)^2`` on both sides of 1, so a product below 1 is
+    pulled back up (the bound form leaves it there), and zero only at a product of 1."""
+    torch.manual_seed(20)
+    net = small_critic()
+    reg = C.get(name, lam=2.0, form="unit")
+    reg.attach(net)
+
+    def product():
+        if name == "spectral-norm-reg":
+            return math.prod(reshaped_sigma(m) for m in L.weight_layers(net))
+        return math.prod(float(m.weight.detach().double().norm()) for m in L.weight_layers(net))
+
+    for scale in (3.0, 0.2):  # above 1, then below
+        with torch.no_grad():
+            p = product()
+            for m in L.weight_layers(net):
+                m.weight.mul_((scale / p) ** (1 / len(L.weight_layers(net))))
+        for _ in range(60):
+            reg.penalty(net)
+        assert reg.penalty(net).item() == pytest.approx(2.0 * (product() - 1.0) ** 2, rel=1e-3)
+        net.zero_grad()
+        reg.penalty(net).backward()
+        w = L.weight_layers(net)[0].weight
+        # the gradient points along the weight: outwards below 1, inwards above
+        along = float((w.grad * w.detach()).sum())
+        assert (along > 0) == (scale > 1.0), (scale, along)
+
+
+def test_frobenius_rescale_starts_the_product_at_one():
+    """``rescale=True`` scales each weight at attach so that the product of the Frobenius norms
+    is 1 (the feasible start); without it the weights are left as they are."""
+    torch.manual_seed(21)
+    net = small_critic()
+    before = [m.weight.detach().clone() for m in L.weight_layers(net)]
+    prod = math.prod(float(w.double().norm()) for w in before)
+    assert abs(prod - 1.0) > 0.1  # torch's init is not already feasible
+    C.get("frobenius-reg", form="bound", lam=10.0).attach(net)
+    assert all(torch.equal(m.weight, w) for m, w in zip(L.weight_layers(net), before))
+    C.get("frobenius-reg", form="unit", lam=10.0, rescale=True).attach(net)
+    after = [m.weight.detach() for m in L.weight_layers(net)]
+    assert math.prod(float(w.double().norm()) for w in after) == pytest.approx(1.0, rel=1e-5)
+    for a, b in zip(after, before):  # every layer by the same factor, direction kept
+        ratio = float(a.norm() / b.norm())
+        assert ratio == pytest.approx(prod ** (-1 / len(before)), rel=1e-5)
+        assert torch.allclose(a, b * ratio, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["spectral-norm-reg", "frobenius-reg"])
 def test_only_the_bound_form_keeps_a_wasserstein_critic_loss_bounded_below(name):
     """Scaling every weight of a 3-layer bias-free ReLU critic by s multiplies its gain
     E[D(real)] - E[D(fake)] by s^3: the sum form (degree 2) loses to it, the bound form

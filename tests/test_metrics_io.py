@@ -250,7 +250,8 @@ def test_cli_eval_run_writes_eval_json(tmp_path, mnist, monkeypatch, capsys):
     assert seen["args"] == (run, "generator")
     assert gen.calls == 1  # 200 samples in one batch of 500
     res = json.loads((run / "eval.json").read_text())
-    assert list(res) == list(metrics.EVAL_KEYS) and res["n"] == 200
+    assert list(res) == [*metrics.EVAL_KEYS, "generator"] and res["n"] == 200
+    assert res["generator"] == "raw"  # the folder keeps no moving average
     assert res["classes_covered"] == 10 and res["is"] > 8
     assert "FID" in capsys.readouterr().out
 
@@ -274,7 +275,23 @@ def test_cli_eval_run_with_real_run_folder(tmp_path, capsys):
     from lipgan.metrics.sampling import generate
 
     x = generate(runs.load_network(run, "generator"), 160, seed=0)
+    assert saved.pop("generator") == "raw"
     assert saved == pytest.approx(metrics.evaluate(x, "mnist"), rel=1e-12)
+    # With a moving average beside it, eval scores the average and says so; --raw the iterate.
+    torch.manual_seed(1)
+    ema = models.build("generator", "dcgan28", **kwargs)
+    runs.export_network(ema, run / "generator_ema.safetensors", "generator", "dcgan28", kwargs)
+    assert main(["eval", str(run), "--n", "160", "--json"]) == 0
+    out = capsys.readouterr()
+    saved = json.loads((run / "eval.json").read_text())
+    assert "EMA generator" in out.err and json.loads(out.out) == saved
+    assert saved.pop("generator") == "ema"
+    x = generate(runs.load_network(run / "generator_ema.safetensors", "generator"), 160, seed=0)
+    assert saved == pytest.approx(metrics.evaluate(x, "mnist"), rel=1e-12)
+    assert main(["eval", str(run), "--n", "160", "--raw"]) == 0
+    out = capsys.readouterr()
+    assert "EMA" not in out.err and "generator" in out.out and " raw " in out.out
+    assert json.loads((run / "eval.json").read_text())["generator"] == "raw"
 
 
 def test_broken_sample_files_are_one_line_errors(tmp_path):

@@ -28,6 +28,10 @@ class EvalOptions(Config):
     seed: int = option(0, "seed of the latent draws and subsets")
     batch_size: int = option(500, "generation batch size")
     json: bool = option(False, "print one JSON object instead of a table")
+    raw: bool = option(
+        False, "score a run folder's raw generator (the last iterate); without it, its moving "
+        "average generator_ema.safetensors where the run keeps one",
+    )  # fmt: skip
 
 
 def register(sub) -> None:
@@ -89,7 +93,11 @@ def _eval_run(run: str, args: EvalOptions) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         details=True,
+        raw=args.raw,
     )
+    if res["generator"] == "ema":
+        print(f"scored the EMA generator ({sampling.EMA_FILE}); --raw for the last iterate",
+              file=sys.stderr)  # fmt: skip
     if Path(run).is_dir():
         print(f"wrote {Path(run) / 'eval.json'}", file=sys.stderr)
     _print(res, args.json)
@@ -107,7 +115,8 @@ def _print(res: dict, as_json: bool) -> None:
     from lipgan.metrics import EVAL_KEYS
 
     if as_json:
-        print(json.dumps({k: res[k] for k in EVAL_KEYS}))
+        which = {"generator": res["generator"]} if "generator" in res else {}
+        print(json.dumps({**{k: res[k] for k in EVAL_KEYS}, **which}))
         return
     rows = [
         ("FID", f"{res['fid']:.3f}", "Fréchet distance of features to the test set"),
@@ -121,6 +130,8 @@ def _print(res: dict, as_json: bool) -> None:
         ("class KL", f"{res['class_kl']:.4f}", "nats, predicted classes vs data"),
         ("n", str(res["n"]), f"against {res['n_real']} real test images"),
     ]
+    if res.get("generator") in ("ema", "raw"):
+        rows.append(("generator", res["generator"], "moving average or last iterate (--raw)"))
     for name, val, note in rows:
         print(f"{name:16s} {val:>22s}  {note}")
     print("class histogram  " + " ".join(str(c) for c in res["class_histogram"]))

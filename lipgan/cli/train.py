@@ -122,18 +122,16 @@ def _sample(args) -> int:
 
     from lipgan import image, runs
     from lipgan.errors import LipganError
+    from lipgan.metrics import sampling
     from lipgan.train.config import SampleConfig, from_args
     from lipgan.train.device import resolve_device
 
     cfg = from_args(args, SampleConfig)  # typed and range-checked before any work
     device = resolve_device(cfg.device)
-    source = Path(args.run)
-    ema = source / "generator_ema.safetensors"
-    if source.is_dir() and ema.is_file() and not cfg.raw:
-        # issue 19: the average samples better (Yazici et al. 2019); say which one this is
-        print(f"lipgan: sampling the EMA generator ({ema}); --raw for the last iterate",
+    source, which = sampling.generator_source(args.run, cfg.raw)
+    if which == "ema":  # issue 19: the average samples better (Yazici et al. 2019); say so
+        print(f"lipgan: sampling the EMA generator ({source}); --raw for the last iterate",
               file=sys.stderr)  # fmt: skip
-        source = ema
     g = runs.load_network(source, "generator").to(device)
     z_dim = getattr(g, "z_dim", None)
     if z_dim is None:

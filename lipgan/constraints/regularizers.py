@@ -64,21 +64,24 @@ class _KeptPowerIteration:
         return u, v
 
 
-_FORMS = ("sum", "bound")
+_FORMS = ("sum", "bound", "unit")
 
 
 def _check_form(form: str) -> str:
     if form not in _FORMS:
-        raise LipganError(f"unknown regularizer form {form!r}; use sum or bound")
+        raise LipganError(f"unknown regularizer form {form!r}; use sum, bound or unit")
     return form
 
 
-def _bound_penalty(lam: float, norms: list[torch.Tensor]) -> torch.Tensor:
-    """``lam * max(0, prod_l n_l - 1)^2``: the squared excess over 1 of the network's product
-    bound. Unlike ``sum_l n_l^2`` it grows faster (degree 2L) than a Wasserstein critic's gain
-    (degree L for L homogeneous layers), so the critic's loss stays bounded below."""
+def _bound_penalty(lam: float, norms: list[torch.Tensor], form: str = "bound") -> torch.Tensor:
+    """``form="bound"``: ``lam * max(0, prod_l n_l - 1)^2``, the squared excess over 1 of the
+    network's product bound. Unlike ``sum_l n_l^2`` it grows faster (degree 2L) than a
+    Wasserstein critic's gain (degree L for L homogeneous layers), so the critic's loss stays
+    bounded below. ``form="unit"``: ``lam * (prod_l n_l - 1)^2``, two-sided, as WGAN-GP's
+    penalty is on the gradient norm: it also pulls a product below 1 back up to 1."""
     bound = torch.stack(norms).prod()
-    return lam * torch.relu(bound - 1.0).square()
+    excess = bound - 1.0 if form == "unit" else torch.relu(bound - 1.0)
+    return lam * excess.square()
 
 
 @register("spectral-norm-reg")
@@ -133,8 +136,8 @@ class SpectralNormRegularizer(Constraint):
         sig = self.sigmas(critic)
         if not sig:
             return None
-        if self.form == "bound":
-            return _bound_penalty(self.lam, sig)
+        if self.form != "sum":
+            return _bound_penalty(self.lam, sig, self.form)
         return 0.5 * self.lam * torch.stack(sig).square().sum()
 
 
@@ -145,22 +148,39 @@ class FrobeniusRegularizer(Constraint):
     ``||W||_F`` bounds the spectral norm, so this is the cheap Lipschitz bound; its gradient
     ``2 lam W`` equals SGD weight decay ``2 lam`` (the ``l2`` method), which is the seed note's
     "L2 regularization is the Frobenius bound". ``lam = 5e-5`` matches ``l2``'s 1e-4.
+
+    ``form``: ``"sum"`` (the above), ``"bound"`` (the squared excess over 1 of the product of
+    the norms) or ``"unit"`` (the product's squared distance to 1, both sides), see
+    :func:`_bound_penalty`. ``rescale=True`` scales every weight by the same factor at
+    ``attach`` so that the product starts at 1: from torch's init (a product near 12 for
+    dcgan28) the bound forms' first steps crush the weights instead (docs/recipes.md, U1-U3).
+    A resumed run loads its weights after ``attach``, so the rescale acts once, at the start.
     """
 
     name = "frobenius-reg"
 
-    def __init__(self, lam: float = 5e-5, form: str = "sum") -> None:
+    def __init__(self, lam: float = 5e-5, form: str = "sum", rescale: bool = False) -> None:
         super().__init__()
         _check_positive("lam", lam)
         self.lam = float(lam)
         self.form = _check_form(form)
+        self.rescale = bool(rescale)
+
+    @torch.no_grad()
+    def attach(self, module: nn.Module) -> nn.Module:
+        ws = [layer.weight for layer in _layers.weight_layers(module)]
+        if self.rescale and ws:
+            bound = torch.stack([w.float().norm() for w in ws]).prod()
+            for w in ws:
+                w.mul_(bound.pow(-1.0 / len(ws)).to(w.dtype))
+        return module
 
     def penalty(self, critic, real=None, fake=None, *, generator=None, shard=None):
         ws = [layer.weight for layer in _layers.weight_layers(critic)]
         if not ws:
             return None
-        if self.form == "bound":
-            return _bound_penalty(self.lam, [w.float().norm() for w in ws])
+        if self.form != "sum":
+            return _bound_penalty(self.lam, [w.float().norm() for w in ws], self.form)
         return self.lam * sum(w.float().square().sum() for w in ws)
 
 

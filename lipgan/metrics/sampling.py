@@ -78,6 +78,23 @@ def run_dataset(path: str | os.PathLike) -> str | None:
     return value if value in ("mnist", "fashion-mnist") else None
 
 
+#: the moving average of a run's generator (lipgan.train.ema), beside RUN/generator.safetensors
+EMA_FILE = "generator_ema.safetensors"
+
+
+def generator_source(path: str | os.PathLike, raw: bool = False) -> tuple[Path, str]:
+    """Which generator a run folder is sampled and scored with: ``(file, "ema")`` for its moving
+    average where the run keeps one (issue 19: averaged weights sample better, Yazici et al.
+    2019), unless ``raw``; else ``(folder, "raw")``, the last iterate. A file is itself
+    (``"file"``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, "file"
+    if not raw and (path / EMA_FILE).is_file():
+        return path / EMA_FILE, "ema"
+    return path, "raw"
+
+
 def evaluate_run(
     path: str | os.PathLike,
     *,
@@ -87,11 +104,15 @@ def evaluate_run(
     batch_size: int = 500,
     device: str | torch.device | None = None,
     details: bool = False,
+    raw: bool = False,
 ) -> dict:
     """Score a run folder's (or an exported .safetensors) generator on ``n`` samples.
 
-    Returns :func:`lipgan.metrics.evaluate`'s dict; for a run folder, its eval.json keys are
-    written to ``RUN/eval.json`` atomically. ``dataset`` defaults to the run's own."""
+    A run folder is scored with its EMA generator where it keeps one (``raw=True``: the last
+    iterate), see :func:`generator_source`. Returns :func:`lipgan.metrics.evaluate`'s dict
+    plus ``generator`` (``"ema"``, ``"raw"`` or ``"file"``); for a run folder, its eval.json
+    keys and ``generator`` are written to ``RUN/eval.json`` atomically. ``dataset`` defaults
+    to the run's own."""
     from lipgan import metrics
 
     check_sizes(n, batch_size, seed, min_n=metrics.FEATURE_DIM)
@@ -101,13 +122,15 @@ def evaluate_run(
     if path.is_dir():
         check_writable(path)  # eval.json is written after the work: fail before it
     dataset = dataset or run_dataset(path) or "mnist"
-    gen = load_network(path, "generator")
+    source, which = generator_source(path, raw)
+    gen = load_network(source, "generator")
     x = generate(gen, n, seed=seed, batch_size=batch_size, device=device)
-    res = metrics.evaluate(x, dataset=dataset, n=n, details=details, seed=seed)
+    res = {**metrics.evaluate(x, dataset=dataset, n=n, details=details, seed=seed),
+           "generator": which}  # fmt: skip
     if path.is_dir():
         folder = RunFolder(path)
         try:
-            folder.write_eval({k: res[k] for k in metrics.EVAL_KEYS})
+            folder.write_eval({**{k: res[k] for k in metrics.EVAL_KEYS}, "generator": which})
         finally:
             folder.close()
     return res

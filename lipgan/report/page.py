@@ -193,8 +193,12 @@ def _page(runs: Sequence[RunView], title: str | None, order: Sequence[str] | Non
     common = _common_config(runs)
     fixed = ", ".join(f"{k} {v}" for k, v in common.items()) or "see each run's config.yaml"
     eval_ns = {r.eval.get("n") for r in runs if r.eval}
+    # which generator was scored: "ema" (the moving average), "raw" (the last iterate; also an
+    # eval.json from before eval.json said which)
+    scored = sorted({str(r.eval.get("generator", "raw")) for r in runs if r.eval})
     eval_note = (
         f"eval.json metrics on n = {', '.join(str(n) for n in sorted(eval_ns, key=str))} samples"
+        f" of the {' and '.join(scored)} generator{'s' if len(scored) > 1 else ''}"
         if eval_ns
         else "no eval.json yet (run `lipgan eval RUN`)"
     )

@@ -21,7 +21,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-EMA_FILE = "generator_ema.safetensors"
 _GNORMS = ("gnorm_real_max", "gnorm_fake_max", "gnorm_interp_max")
 
 
@@ -37,21 +36,9 @@ def _last(rows: list[dict], key: str) -> tuple[float, int] | None:
 def evaluate(path: Path, n: int, dataset: str, device: Any) -> dict:
     """``lipgan eval``'s metrics of the run's EMA generator (else its generator) on ``n``
     samples, written to ``RUN/eval.json`` (its one writer, ``RunFolder.write_eval``)."""
-    from lipgan import metrics
     from lipgan.metrics import sampling
-    from lipgan.runs import RunFolder
 
-    ema = path / EMA_FILE
-    res = sampling.evaluate_run(ema if ema.is_file() else path, n=n, dataset=dataset,
-                                device=device)  # fmt: skip
-    res = {**res, "generator": "ema" if ema.is_file() else "raw"}
-    if ema.is_file():  # evaluate_run writes eval.json only when given the folder
-        folder = RunFolder(path)
-        try:
-            folder.write_eval({**{k: res[k] for k in metrics.EVAL_KEYS}, "generator": "ema"})
-        finally:
-            folder.close()
-    return res
+    return sampling.evaluate_run(path, n=n, dataset=dataset, device=device)
 
 
 def lines(path: Path, rows: list[dict], status: dict, result: dict | None,
