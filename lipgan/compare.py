@@ -199,13 +199,14 @@ def _clear_for_training(cell: Cell, out: Path) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _needs_eval(path: Path, n: int) -> bool:
+def _needs_eval(path: Path, n: int, raw: bool = False) -> bool:
     """No eval.json of ``n`` samples of the generator compare scores (the EMA one where the run
-    keeps it; an eval.json without ``generator`` was written from the raw one)."""
+    keeps it, unless ``raw``; an eval.json without ``generator`` was written from the raw one)."""
     from lipgan.metrics import sampling
 
     done = RunFolder(path).read_eval() or {}
-    return done.get("n") != n or done.get("generator", "raw") != sampling.generator_source(path)[1]
+    want = sampling.generator_source(path, raw)[1]
+    return done.get("n") != n or done.get("generator", "raw") != want
 
 
 # --------------------------------------------------------------------------- results
@@ -308,7 +309,9 @@ def run_compare(
 
 
 def _evaluable(cell: Cell, cfg: CompareConfig) -> bool:
-    return _status(cell.path).get("state") == "done" and _needs_eval(cell.path, cfg.eval_n)
+    return _status(cell.path).get("state") == "done" and _needs_eval(
+        cell.path, cfg.eval_n, cfg.raw
+    )
 
 
 def _run_cell(
@@ -342,9 +345,14 @@ def _run_cell(
         from lipgan.train.device import resolve_device
 
         device = resolve_device(cfg.device or "auto")
-        res = sampling.evaluate_run(cell.path, n=cfg.eval_n, dataset=cfg.dataset, device=device)
+        res = sampling.evaluate_run(
+            cell.path, n=cfg.eval_n, dataset=cfg.dataset, device=device, raw=cfg.raw
+        )
         took = time.perf_counter() - t0
-        ctx.log(f"{tag}: FID {res['fid']:.2f} (n {cfg.eval_n}, evaluated in {took:.0f} s)")
+        ctx.log(
+            f"{tag}: FID {res['fid']:.2f} (n {cfg.eval_n}, {res['generator']} generator, "
+            f"evaluated in {took:.0f} s)"
+        )
 
 
 def worker_threads(cfg: CompareConfig) -> int:

@@ -162,7 +162,13 @@ def test_a_raw_generators_eval_json_is_redone_with_the_ema_one(tmp_path):
     ev = json.loads((run / "eval.json").read_text())
     assert ev["generator"] == "ema"
     assert ev["fid"] == pytest.approx(_independent_fid(run, "generator_ema"), rel=1e-6)
-    assert float(_rows(paths["results"])[0]["fid"]) == pytest.approx(ev["fid"])
+    row = _rows(paths["results"])[0]
+    assert float(row["fid"]) == pytest.approx(ev["fid"]) and row["generator"] == "ema"
+    # --raw: compare scores the last iterates instead, and says so in eval.json and results.csv
+    paths = run_compare(tiny(out, methods=["gan"], raw=True))
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["generator"] == "raw" and ev["fid"] == pytest.approx(raw["fid"], rel=1e-6)
+    assert _rows(paths["results"])[0]["generator"] == "raw"
 
 
 def test_report_table_is_mean_and_std_over_seeds(done):
@@ -422,6 +428,8 @@ def test_cli_passes_the_training_flags_on(monkeypatch, tmp_path, capsys):
     assert seen["cfg"].budget_clock == "wall"
     assert main(["compare", "--out", str(tmp_path), "--budget", "5m", "--budget-clock", "cpu"]) == 0
     assert (seen["cfg"].budget_s, seen["cfg"].budget_clock) == (300.0, "cpu")
+    assert seen["cfg"].raw is False
+    assert main(["compare", "--out", str(tmp_path), "--raw"]) == 0 and seen["cfg"].raw is True
     assert main(["compare", "--out", str(tmp_path), "--budget", "soon"]) == 2
     assert "20m" in capsys.readouterr().err
 

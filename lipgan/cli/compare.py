@@ -74,6 +74,12 @@ def register(sub) -> None:
         "--eval-n", type=int, default=10000, help="samples per run for eval.json (default 10000)"
     )
     e.add_argument("--no-eval", action="store_true", help="do not score the runs")
+    e.add_argument(
+        "--raw",
+        action="store_true",
+        help="score each run's raw generator (the last iterate) instead of its EMA generator; "
+        "a run whose eval.json is of the other one is scored again",
+    )
     p.add_argument(
         "--retry-failed",
         action="store_true",
@@ -130,6 +136,7 @@ def _compare(args) -> int:
         variants=variants,
         eval_n=args.eval_n,
         evaluate=not args.no_eval,
+        raw=args.raw,
         retry_failed=args.retry_failed,
         quiet=args.quiet,
         jobs=args.jobs,

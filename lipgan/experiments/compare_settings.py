@@ -57,6 +57,8 @@ class CompareConfig:
     variants: list[Variant] = field(default_factory=list)
     eval_n: int = 10000
     evaluate: bool = True
+    #: score each run's last iterate instead of its moving average (``lipgan eval --raw``)
+    raw: bool = False
     retry_failed: bool = False
     quiet: bool = False
     #: runs trained at the same time, each in its own process (1: one after the other, in-process)

@@ -246,6 +246,8 @@ def run_row(run: RunView) -> dict:
         value = (run.eval or {}).get(key)
         row[key] = float(value) if isinstance(value, (int, float)) else None
     row["eval_n"] = (run.eval or {}).get("n")
+    # which generator eval.json scored ("ema" or "raw"; one without the key is of the raw one)
+    row["generator"] = str((run.eval or {}).get("generator", "raw")) if run.eval else None
     row.update(fid_marks_row(run))
     return row
 
