@@ -662,7 +662,11 @@ def test_frobenius_rescale_starts_the_product_at_one():
     assert abs(prod - 1.0) > 0.1  # torch's init is not already feasible
     C.get("frobenius-reg", form="bound", lam=10.0).attach(net)
     assert all(torch.equal(m.weight, w) for m, w in zip(L.weight_layers(net), before))
-    C.get("frobenius-reg", form="unit", lam=10.0, rescale=True).attach(net)
+    reg = C.get("frobenius-reg", form="unit", lam=10.0, rescale=True)
+    assert C.checked_spec(reg)["options"] == {"lam": 10.0, "form": "unit", "rescale": True}
+    # off, the option is left out of the spec: a run recorded before it resumes as itself
+    assert "rescale" not in C.checked_spec(C.get("frobenius-reg"))["options"]
+    reg.attach(net)
     after = [m.weight.detach() for m in L.weight_layers(net)]
     assert math.prod(float(w.double().norm()) for w in after) == pytest.approx(1.0, rel=1e-5)
     for a, b in zip(after, before):  # every layer by the same factor, direction kept

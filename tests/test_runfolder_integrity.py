@@ -470,7 +470,7 @@ def test_eval_json_has_one_writer_and_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr("lipgan.metrics.evaluate", lambda *a, **k: dict(fake))
     sampling.evaluate_run(run.path, n=200)
     assert writes == [run.path]
-    assert json.loads(run.eval_path.read_text()) == fake
+    assert json.loads(run.eval_path.read_text()) == {**fake, "generator": "raw"}  # no EMA file
     assert _partials(run.path) == []
     assert os.stat(run.eval_path).st_mode & 0o044  # readable by others (not mkstemp's 0600)
 

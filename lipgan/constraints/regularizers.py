@@ -166,6 +166,14 @@ class FrobeniusRegularizer(Constraint):
         self.form = _check_form(form)
         self.rescale = bool(rescale)
 
+    def spec(self) -> dict:
+        """As every constraint's, without ``rescale`` when it is off: the spec of a run made
+        before the option existed, so its checkpoints still resume as the same method."""
+        spec = super().spec()
+        if not self.rescale:
+            spec["options"].pop("rescale", None)
+        return spec
+
     @torch.no_grad()
     def attach(self, module: nn.Module) -> nn.Module:
         ws = [layer.weight for layer in _layers.weight_layers(module)]
