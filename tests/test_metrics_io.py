@@ -292,6 +292,9 @@ def test_cli_eval_run_with_real_run_folder(tmp_path, capsys):
     out = capsys.readouterr()
     assert "EMA" not in out.err and "generator" in out.out and " raw " in out.out
     assert json.loads((run / "eval.json").read_text())["generator"] == "raw"
+    file = run / "generator_ema.safetensors"
+    assert main(["eval", str(file), "--n", "160", "--raw"]) == 2  # a file is not a run folder
+    assert "give the run folder" in capsys.readouterr().err
 
 
 def test_broken_sample_files_are_one_line_errors(tmp_path):

@@ -89,6 +89,11 @@ def generator_source(path: str | os.PathLike, raw: bool = False) -> tuple[Path, 
     (``"file"``)."""
     path = Path(path)
     if not path.is_dir():
+        if raw and path.exists():
+            raise LipganError(
+                f"{path}: --raw picks a run folder's last iterate; give the run folder (a file "
+                "is scored as it is)"
+            )
         return path, "file"
     if not raw and (path / EMA_FILE).is_file():
         return path / EMA_FILE, "ema"
