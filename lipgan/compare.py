@@ -51,6 +51,7 @@ from lipgan.experiments.compare_settings import (
 from lipgan.experiments.compare_settings import check as _check
 from lipgan.experiments.sweep import Cell, Context, Variant
 from lipgan.runs import FolderLock, RunFolder, make_dirs
+from lipgan.runs.folder import scored_generator
 
 __all__ = [
     "BUDGET_STEP_CAP", "DEFAULT_METHODS", "TRAIN_FLAGS", "CompareConfig", "budget_slack",
@@ -206,7 +207,7 @@ def _needs_eval(path: Path, n: int, raw: bool = False) -> bool:
 
     done = RunFolder(path).read_eval() or {}
     want = sampling.generator_source(path, raw)[1]
-    return done.get("n") != n or done.get("generator", "raw") != want
+    return done.get("n") != n or scored_generator(done) != want
 
 
 # --------------------------------------------------------------------------- results

@@ -32,6 +32,7 @@ from lipgan.report.tables import (
     summarize,
 )
 from lipgan.runs.files import atomic_write_text
+from lipgan.runs.folder import scored_generator
 
 #: sample grids are shown at this many screen pixels per image pixel (nearest neighbour), so
 #: that a 28-pixel digit is large enough to judge
@@ -193,9 +194,7 @@ def _page(runs: Sequence[RunView], title: str | None, order: Sequence[str] | Non
     common = _common_config(runs)
     fixed = ", ".join(f"{k} {v}" for k, v in common.items()) or "see each run's config.yaml"
     eval_ns = {r.eval.get("n") for r in runs if r.eval}
-    # which generator was scored: "ema" (the moving average), "raw" (the last iterate; also an
-    # eval.json from before eval.json said which)
-    scored = sorted({str(r.eval.get("generator", "raw")) for r in runs if r.eval})
+    scored = sorted({scored_generator(r.eval) for r in runs if r.eval})
     eval_note = (
         f"eval.json metrics on n = {', '.join(str(n) for n in sorted(eval_ns, key=str))} samples"
         f" of the {' and '.join(scored)} generator{'s' if len(scored) > 1 else ''}"

@@ -18,7 +18,7 @@ import numpy as np
 
 from lipgan.errors import LipganError
 from lipgan.report.quality import TIME_COLUMNS, fid_marks_row
-from lipgan.runs.folder import RunFolder, expand_paths
+from lipgan.runs.folder import RunFolder, expand_paths, scored_generator
 
 #: eval.json keys in table order, with their headers and whether lower is better.
 EVAL_KEYS: tuple[tuple[str, str, str], ...] = (
@@ -246,8 +246,7 @@ def run_row(run: RunView) -> dict:
         value = (run.eval or {}).get(key)
         row[key] = float(value) if isinstance(value, (int, float)) else None
     row["eval_n"] = (run.eval or {}).get("n")
-    # which generator eval.json scored ("ema" or "raw"; one without the key is of the raw one)
-    row["generator"] = str((run.eval or {}).get("generator", "raw")) if run.eval else None
+    row["generator"] = scored_generator(run.eval) if run.eval else None
     row.update(fid_marks_row(run))
     return row
 

@@ -395,6 +395,12 @@ class RunFolder(RunLogs):
         return stale
 
 
+def scored_generator(evaluation: Mapping[str, Any]) -> str:
+    """Which generator an eval.json scored: ``"ema"`` (the moving average) or ``"raw"`` (the
+    last iterate; also an eval.json written before eval.json said which)."""
+    return str(evaluation.get("generator", "raw"))
+
+
 def is_run_folder(path: str | os.PathLike) -> bool:
     """True when ``path`` holds status.json or config.yaml."""
     return RunFolder(path).is_run()
