@@ -26,15 +26,16 @@ def test_one_thread_nests_and_outer_threads_restores_the_callers_count():
 
 def test_conv_bounds_run_small_work_on_one_thread_and_the_large_cholesky_on_all(monkeypatch):
     seen = {"freq": [], "chol": []}
-    real_top, real_chol = conv_mod._top_sq, convgram.cholesky_max_eig
+    real_top, real_chol = conv_mod._top_sq, convgram.certified_max_eig
     monkeypatch.setattr(
         conv_mod, "_top_sq", lambda m: seen["freq"].append(torch.get_num_threads()) or real_top(m)
     )
-    monkeypatch.setattr(
-        convgram,
-        "cholesky_max_eig",
-        lambda G, d: seen["chol"].append((G.shape[0], torch.get_num_threads())) or real_chol(G, d),
-    )
+
+    def chol(build, certifies, estimate, delta):
+        seen["chol"].append((build().shape[0], torch.get_num_threads()))
+        return real_chol(build, certifies, estimate, delta)
+
+    monkeypatch.setattr(convgram, "certified_max_eig", chol)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -26,6 +26,7 @@ __all__ = [
     "conv_geometry",
     "conv_linear_map",
     "geometry_map",
+    "geometry_adjoint",
     "pad_operator_norm",
     "one_thread",
     "outer_threads",
@@ -166,6 +167,31 @@ def geometry_map(geom: ConvGeometry) -> Callable:
         if any(tp):
             x = F.pad(x, tp, mode=mode)
         return conv(x, geom.weight.to(x.dtype), None, geom.stride, 0, geom.dilation, geom.groups)
+
+    return f
+
+
+def geometry_adjoint(geom: ConvGeometry) -> Callable:
+    """The adjoint of a zero-padded geometry's map (``A^T`` on output batches): the transposed conv
+    to the padded size, then the crop that is the adjoint of zero padding."""
+    if geom.mode != "zeros":
+        raise LipganError(f"geometry_adjoint: zero padding only, not {geom.mode!r}")
+    d = len(geom.stride)
+    convt = _FUNCS[d][1]
+    k = geom.weight.shape[2:]
+    padded = [n + lo + hi for n, (lo, hi) in zip(geom.in_shape[1:], geom.pads)]
+    op = tuple(
+        p - ((m - 1) * s + dd * (kk - 1) + 1)
+        for p, m, s, dd, kk in zip(padded, geom.out_spatial, geom.stride, geom.dilation, k)
+    )
+    crop = (slice(None), slice(None)) + tuple(
+        slice(lo, lo + n) for n, (lo, _) in zip(geom.in_shape[1:], geom.pads)
+    )
+
+    def f(y: torch.Tensor) -> torch.Tensor:
+        w = geom.weight.to(y.dtype)
+        x = convt(y, w, None, geom.stride, 0, op, geom.groups, geom.dilation)
+        return x[crop]
 
     return f
 

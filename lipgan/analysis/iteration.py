@@ -12,9 +12,9 @@
   (Delattre et al. 2023), squaring on the smaller side.
 - :func:`symmetric_max_eig`: the largest eigenvalue of a dense symmetric matrix with a margin
   that covers the rounding of a backward-stable eigensolver, so it can serve as a certified bound.
-- :func:`cholesky_max_eig`: a certified ``lambda_max`` within ``1e-3`` of the truth for a dense
-  symmetric matrix: Lanczos from below, then one Cholesky of ``t I - G`` with a rounding margin
-  (about 4x cheaper than an eigensolver).
+- :func:`cholesky_max_eig` (from :mod:`lipgan.analysis.certify`): a certified ``lambda_max``
+  within ``1e-3`` of the truth for a dense symmetric matrix: Lanczos from below, then one
+  Cholesky of ``t I - G`` with a rounding margin (about 4x cheaper than an eigensolver).
 
 Every stopping rule is an iteration count or a tolerance: results depend on the inputs only.
 """
@@ -77,8 +77,12 @@ def lanczos_extreme(
     used = 0
     theta = float("nan")
     scale = 0.0
+    # breakdown relative to the rounding of y's dtype too: float32 leaves ~1e-7 ||M|| in w
+    eps = torch.finfo(y.dtype).eps if y.is_floating_point() else 0.0
+    breakdown = max(BREAKDOWN, 100 * eps)
     while used < n_iter:
-        m = max(1, min(krylov, n_iter - used))
+        # no Krylov space is larger than the space itself: its next vector would be rounding
+        m = max(1, min(krylov, n_iter - used, y.numel()))
         V = [y]
         alphas: list[float] = []
         betas: list[float] = []
@@ -94,7 +98,7 @@ def lanczos_extreme(
                 w = w - Q.t() @ (Q @ w)
             b = float(w.norm())
             betas.append(b)
-            if b <= BREAKDOWN * scale:
+            if b <= breakdown * scale:
                 broke = True
                 break
             if j == m - 1:
@@ -277,61 +281,5 @@ def dense_operator_norm(
     return math.sqrt(max(symmetric_max_eig(G), 0.0))
 
 
-_U = 2.0**-53  # unit roundoff of float64
-
-
-def _gamma(m: int) -> float:
-    return m * _U / (1 - m * _U)
-
-
-def cholesky_certifies(G: torch.Tensor, t: float, delta: float = 0.0) -> bool:
-    """Whether a float64 Cholesky proves ``lambda_max(G') <= t`` for every symmetric ``G'`` with
-    ``||G' - G||_2 <= delta`` (``G``: (n, n) float64 symmetric, e.g. a computed Gram matrix).
-
-    Factors ``B = fl((t - c) I - G)``. A Cholesky that runs to completion gives ``L L^T = B + E``
-    with ``|E| <= gamma_{n+1} |L| |L^T|`` (Demmel 1989; Higham, Accuracy and Stability, Thm 10.3),
-    so ``||E||_2 <= gamma_{n+1} ||L||_F^2 <= gamma_{n+1} tr(B) / (1 - gamma_{n+1})`` and
-    ``B >= -||E|| I``; then ``t I - G' >= (c - ||E|| - ||D|| - u|t| - delta) I >= 0`` where D is
-    the rounding of the diagonal ``t - c - G_ii``. ``c`` covers those terms, ``||E||`` ten times.
-    Only G's lower triangle is read (LAPACK's potrf), so G may be symmetric up to rounding.
-    """
-    G = G.to(torch.float64)
-    n = G.shape[-1]
-    if n == 0:
-        return t >= 0
-    diag = G.diagonal().abs()
-    tr = 1.01 * (n * abs(t) + float(diag.sum()))
-    g = _gamma(n + 1)
-    c = delta + 10 * g * tr / (1 - g) + 4 * _U * (abs(t) + float(diag.max())) + n * 1e-300
-    B = -G
-    B.diagonal().add_(t - c)
-    L, info = torch.linalg.cholesky_ex(B)
-    return bool(info == 0) and bool(torch.isfinite(L.diagonal()).all())
-
-
-def cholesky_max_eig(
-    G: torch.Tensor, delta: float = 0.0, steps: Sequence[float] = (1e-3, 1e-2, 1e-1), seed: int = 0
-) -> float | None:
-    """Certified ``t >= lambda_max(G')`` for every symmetric ``G'`` within ``delta`` of ``G``.
-
-    A Lanczos estimate ``lam`` (in float32: only an estimate) of ``lambda_max(G)``, then the first
-    ``t = lam (1 + step) + 2 delta`` that :func:`cholesky_certifies`; None when none does.
-    G: (n, n) float64 symmetric.
-    """
-    G = G.to(torch.float64)
-    n = G.shape[-1]
-    if n == 0:
-        return 0.0
-    gen = torch.Generator().manual_seed(seed)
-    v0 = torch.randn(n, generator=gen, dtype=torch.float64)
-    G32 = G.to(torch.float32)  # symmetric up to rounding: fine for an estimate
-    # one Krylov space of 40: within ~2e-4 of lambda_max on the dcgan28 convs (a restart costs
-    # more than the Cholesky it would save); a miss only costs a retry at the next step
-    lam, _ = lanczos_extreme(lambda v: G32 @ v, v0.float(), n_iter=40, tol=1e-7, krylov=40)
-    lam = max(lam, 0.0)
-    floor = 2 * delta + 1e-300
-    for step in steps:
-        t = lam * (1 + step) + floor
-        if cholesky_certifies(G, t, delta):
-            return t
-    return None
+# the Cholesky certificates live in lipgan.analysis.certify (these names stay importable here)
+from lipgan.analysis.certify import cholesky_certifies, cholesky_max_eig  # noqa: E402
