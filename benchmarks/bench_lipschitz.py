@@ -1,7 +1,7 @@
 """Whole-network Lipschitz bounds: the dcgan28 critic and a 784-256-10 ReLU MLP.
 
 Run: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_lipschitz.py [--threads 2] [--cvxpy]
-     [--widths 32,64] [--epochs 0] [--dense-ref] [--one-thread]
+     [--widths 32,64] [--epochs 0] [--dense-ref] [--one-thread] [--conv-seeds 0,1,2]
 
 1. dcgan28 critic (lipgan/models, random init, seed 0): the layer table plus every certified
    upper bound (``lipschitz.upper_bounds``: per-layer bounds, products, merged segments), timed
@@ -20,7 +20,10 @@ Run: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_lipschitz.py [--threads
    to LipSDP from above (issue 17's target: within 1.05x in < 5 s). ``--cvxpy`` also solves the
    SDP with cvxpy (``--solver``, default CLARABEL; at 784-256 Clarabel asked for 138 GB and SCS
    took 1822 s before, so this is for small nets).
-3. ``--one-thread``: the critic analysis inside ``lipgan.analysis.convmap.one_thread()`` (the
+3. ``--conv-seeds 0,1,2``: each conv's certified bound over a plain-PyTorch power iteration
+   (3000 steps on ``A^T A`` through the layer's forward and autograd, a value from below) at
+   those seeds, so the ratio bounds ``bound / exact`` from above.
+4. ``--one-thread``: the critic analysis inside ``lipgan.analysis.convmap.one_thread()`` (the
    conv's large Cholesky still gets the threads), what a 2nd thread costs the small linear algebra.
 """
 
@@ -203,6 +206,44 @@ def lipsdp_reference(W0, W1, solver: str = "CLARABEL", slope=(0.0, 1.0), **kw):
     return math.sqrt(max(float(rho.value), 0.0)), lower
 
 
+def power_reference(layer: nn.Module, shape, steps: int = 3000, seed: int = 0) -> float:
+    """Plain PyTorch: power iteration on ``A^T A`` through the layer's own forward and autograd
+    (float64, bias removed), a value from below (``||A v||`` of a unit v)."""
+    layer = layer.double()
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(1, *shape, generator=g, dtype=torch.float64)
+    zero = torch.zeros(1, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        b = layer(zero)
+    for _ in range(steps):
+        v = (v / v.norm()).requires_grad_(True)
+        y = layer(v) - b
+        (g_v,) = torch.autograd.grad(0.5 * y.square().sum(), v)
+        v = g_v.detach()
+    v = v / v.norm()
+    with torch.no_grad():
+        return float((layer(v) - b).norm())
+
+
+def conv_seed_sweep(width: int, seeds: list[int]) -> None:
+    """Each conv's certified bound (``layer_bound``, method named) over the plain-PyTorch power
+    value, per seed: the ratio bounds bound / exact from above."""
+    from lipgan import models
+    from lipgan.analysis.operators import layer_bound
+
+    print(f"dcgan28 critic width {width}: certified conv bound / power iteration (3000 steps)")
+    for seed in seeds:
+        torch.manual_seed(seed)
+        critic = models.build("critic", "dcgan28", width=width)
+        shapes = [(1, 28, 28), (width, 14, 14), (2 * width, 7, 7)]
+        convs = [m for m in critic.modules() if isinstance(m, nn.Conv2d)]
+        cells = []
+        for layer, shape in zip(convs, shapes):
+            b = layer_bound(layer, shape, lower=False)
+            cells.append(f"{b.method} {b.upper / power_reference(layer, shape):.5f}")
+        print(f"  seed {seed}: " + "  ".join(cells))
+
+
 def bench_mlp(epochs: int, cvxpy: bool, solver: str) -> None:
     from lipgan.analysis.lipsdp import lipsdp_dual_ascent
 
@@ -242,6 +283,8 @@ def main() -> None:
     ap.add_argument("--dense-ref", action="store_true", help="plain PyTorch dense reference")
     ap.add_argument("--one-thread", action="store_true",
                     help="run the critic analysis inside convmap.one_thread() (big Cholesky: all)")
+    ap.add_argument("--conv-seeds", default="",
+                    help="e.g. 0,1,2,3,4: each conv's bound / power iteration at these seeds")
     ap.add_argument("--skip-critic", action="store_true")
     ap.add_argument("--skip-mlp", action="store_true")
     args = ap.parse_args()
@@ -251,6 +294,8 @@ def main() -> None:
     if not args.skip_critic:
         for w in (int(s) for s in args.widths.split(",")):
             bench_critic(w, args.dense_ref, args.one_thread)
+            if args.conv_seeds:
+                conv_seed_sweep(w, [int(x) for x in args.conv_seeds.split(",")])
     if not args.skip_mlp:
         bench_mlp(args.epochs, args.cvxpy, args.solver)
 

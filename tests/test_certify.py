@@ -158,3 +158,17 @@ def test_a_matrix_smaller_than_the_krylov_space_gets_a_tight_certificate(n, spre
     G = (Q * ev) @ Q.t()
     t = certify.cholesky_max_eig(G)
     assert t is not None and float(ev.max()) <= t <= float(ev.max()) * (1 + 2e-3)
+
+
+@pytest.mark.slow
+@given(cfg=conv_configs(mode="zeros", max_side=10) | conv_configs(mode="T", max_side=10))
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+def test_the_banded_conv_bound_sweep(cfg):
+    """The larger sweep of the test above (``make test-slow``)."""
+    test_the_banded_conv_bound_is_never_below_the_dense_truth_and_within_2e3.hypothesis.inner_test(
+        cfg
+    )

@@ -22,7 +22,10 @@ Every value returned as an upper bound is certified (never below ``max ||A x|| /
 - ``"chol"``: zero padding, smaller side up to ``CHOL_LIMIT``: the Gram matrix on the smaller
   side, assembled from the tap products ``W_t W_t'^T`` (or ``W_t^T W_t'``) shared by all positions,
   then a Lanczos estimate lam and a Cholesky of ``lam (1 + 1e-3) I - G`` with a margin for the
-  Gram's and the factorization's rounding (``iteration.cholesky_certifies``): within 5e-4 of exact.
+  Gram's and the factorization's rounding (``certify.cholesky_certifies``): within 5e-4 of exact.
+  Above ``CHOL_LIMIT`` the same Gram matrix, block-banded along the first spatial axis, is
+  factored in its band where that costs at most ``BAND_WORK`` flops
+  (``certify.banded_cholesky_certifies``).
 - ``"dense"``: the exact norm from the dense matrix when it is small (any padding).
 
 The layer as a linear map (geometry, functional map, padding norm) is in
@@ -333,8 +336,9 @@ def conv_upper_bound(
     """Certified ``||linear part||`` of a conv layer: ``(upper, exact, method)``.
 
     Exact by the dense matrix when it has at most ``dense_limit`` entries, or by the FFT for a full
-    circular conv; else ``"chol"`` where the smaller side has at most ``chol_limit`` entries, else
-    the ``"freq"``, ``"rows*fft"`` or ``"pad*..."`` bound (module docstring).
+    circular conv; else ``"chol"`` where the smaller side has at most ``chol_limit`` entries (or
+    its band is affordable, ``chol_limit > 0``), else the ``"freq"``, ``"rows*fft"`` or
+    ``"pad*..."`` bound (module docstring).
     """
     geom = conv_geometry(layer, input_shape)
     if geom.mode == "circular":
