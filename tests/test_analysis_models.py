@@ -10,13 +10,7 @@ from torch import nn
 
 from lipgan import lipschitz as L
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
 class ResidualCNN(nn.Module):

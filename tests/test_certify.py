@@ -13,13 +13,7 @@ from torch import nn
 from lipgan.analysis import certify, convgram
 from lipgan.analysis.convmap import conv_geometry
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
 def banded_gram(n_blocks: int, m: int, width: int, seed: int) -> torch.Tensor:

@@ -6,14 +6,7 @@ from torch import nn
 
 from lipgan import sensitivity as S
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: on a shared 2-core machine extra threads only spin and wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
 def test_linear_model_quotients_lie_between_singular_values():

@@ -21,13 +21,7 @@ from lipgan.errors import LipganError
 UP, LOW = 1 - 1e-9, 1 + 1e-9
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: on a shared 2-core machine extra threads only spin and wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
 def dense_truth(module: nn.Module, shape) -> float:
