@@ -152,8 +152,11 @@ def norms_report(args) -> None:
             loss.backward()
             opt.step()
             sn.after_step(critic)
+    took = None
     if args.converge:
+        t0 = time.process_time()
         sn.converge(critic, max_iterations=2000, tol=1e-9)
+        took = time.process_time() - t0
     critic.eval()
     shapes = {}
     hooks = [
@@ -168,6 +171,7 @@ def norms_report(args) -> None:
         f"dcgan28 critic (seed {args.seed}) under {args.mode} spectral norm, "
         f"{args.train_steps} training steps, power iteration "
         f"{'converged' if args.converge else 'as trained'}"
+        + (f" (converge: {took:.2f} CPU s)" if took is not None else "")
     )
     print(f"{'layer':<34}{'reshaped':>10}{'op (power)':>12}{'op (gram ub)':>14}")
     prod_lo = prod_hi = 1.0
