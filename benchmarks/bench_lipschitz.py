@@ -80,15 +80,17 @@ def _count_layer_bound_cpu() -> dict:
     """Wrap operators.layer_bound to sum its CPU seconds (per-layer share of the analysis)."""
     from lipgan.analysis import leaves, operators
 
-    spent = {"cpu": 0.0}
+    spent = {"cpu": 0.0, "calls": []}
     inner = operators.layer_bound
 
-    def timed(*a, **k):
-        c = time.process_time()
+    def timed(module, shape, *a, **k):
+        c, t = time.process_time(), time.perf_counter()
         try:
-            return inner(*a, **k)
+            return inner(module, shape, *a, **k)
         finally:
-            spent["cpu"] += time.process_time() - c
+            cpu, wall = time.process_time() - c, time.perf_counter() - t
+            spent["cpu"] += cpu
+            spent["calls"].append((type(module).__name__, tuple(shape), wall, cpu))
 
     leaves.operators.layer_bound = timed  # leaves calls it through the module attribute
     return spent
@@ -110,7 +112,7 @@ def bench_critic(width: int, dense_ref: bool, wrap: bool = False) -> None:
         return critic, table, upper
 
     (critic, table, upper), cold, cold_cpu = _timed(lambda: analysis(0))
-    spent["cpu"] = 0.0
+    spent["cpu"], spent["calls"] = 0.0, []
     _, warm, warm_cpu = _timed(lambda: analysis(1))
     per_layer = spent["cpu"]
     how = " (whole call inside convmap.one_thread())" if wrap else ""
@@ -119,6 +121,9 @@ def bench_critic(width: int, dense_ref: bool, wrap: bool = False) -> None:
           f"{warm_cpu:7.2f} s CPU")  # fmt: skip
     print(f"  warm: per-layer bounds (layer_bound) {per_layer:.2f} s CPU, graph + chain bounds "
           f"{warm_cpu - per_layer:.2f} s CPU")  # fmt: skip
+    for name, shp, wall, cpu in spent["calls"]:
+        if wall >= 0.01:
+            print(f"    {name} on {'x'.join(map(str, shp))}: {wall:.2f} s wall {cpu:.2f} s CPU")
     if width == 64:
         old = OLD_CRITIC_SECONDS
         print(f"  before issue 17: {old:.0f} s -> speed-up {old / warm:.0f}x (warm wall), "

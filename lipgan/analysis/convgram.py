@@ -47,8 +47,8 @@ class _PairBlocks:
     """The nonzero blocks ``G[o1, o2]`` (o1 >= o2: the lower triangle) of each group's Gram
     matrix on its smaller side, with ``n_o`` positions of ``c`` channels (index ``o * c + ch``),
     the first spatial axis of that side of length ``rows``, and ``delta`` per group: a bound of
-    the rounding error ``||G - G_exact||_2``. Block ``b`` is the sum of the tap products ``t``
-    ``inv[j]`` with ``brow[j] == b`` (brow sorted)."""
+    the rounding error ``||G - G_exact||_2``. Block ``b`` is the sum of the tap products
+    ``products[g][inv[j]]`` over the reads j with ``brow[j] == b`` (brow sorted)."""
 
     products: list[torch.Tensor]  # per group (n_t, c, c): the distinct tap products
     brow: torch.Tensor  # (reads,) the block of each read pair, sorted
