@@ -1,5 +1,5 @@
-"""The Cholesky certificates (lipgan.analysis.certify) and the banded one on conv Gram matrices,
-against eigenvalues and dense matrices from torch's own forward in float64."""
+"""The Cholesky certificates (lipgan.analysis.certify) and the block-sparse one on conv Gram
+matrices, against eigenvalues and dense matrices from torch's own forward in float64."""
 
 import math
 
@@ -16,81 +16,144 @@ from lipgan.analysis.convmap import conv_geometry
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
-def banded_gram(n_blocks: int, m: int, width: int, seed: int) -> torch.Tensor:
-    """A PSD Gram matrix ``A A^T`` whose blocks more than ``width`` apart are exact zeros: each
-    row block of A reads only its own ``width + 1`` column blocks."""
+def sparse_gram(n_nodes: int, m: int, n_cols: int, reads: int, seed: int):
+    """A PSD Gram matrix ``B B^T`` in blocks of m with its block graph: node i's block row of B
+    reads ``reads`` random column blocks of ``n_cols``, so ``G[i, j]`` is an exact zero unless
+    i and j read a common one."""
     g = torch.Generator().manual_seed(seed)
-    A = torch.zeros(n_blocks * m, (n_blocks + width) * m, dtype=torch.float64)
-    for i in range(n_blocks):
-        A[i * m : (i + 1) * m, i * m : (i + width + 1) * m] = torch.randn(
-            m, (width + 1) * m, generator=g, dtype=torch.float64
-        )
-    return A @ A.t()
+    B = torch.zeros(n_nodes * m, n_cols * m, dtype=torch.float64)
+    sets = [torch.randperm(n_cols, generator=g)[:reads].tolist() for _ in range(n_nodes)]
+    for i, cols in enumerate(sets):
+        for c in cols:
+            B[i * m : (i + 1) * m, c * m : (c + 1) * m] = torch.randn(
+                m, m, generator=g, dtype=torch.float64
+            )
+    adjacency = [{j for j in range(n_nodes) if set(sets[i]) & set(sets[j])} for i in range(n_nodes)]
+    return B @ B.t(), adjacency
 
 
-def to_band(G: torch.Tensor, n_blocks: int, m: int, width: int) -> torch.Tensor:
-    band = torch.zeros(n_blocks, width + 1, m, m, dtype=torch.float64)
-    for i in range(n_blocks):
-        for d in range(min(width, i) + 1):
-            j = i - d
-            band[i, d] = G[i * m : (i + 1) * m, j * m : (j + 1) * m]
-    return band
+def to_slots(G: torch.Tensor, pattern: certify.BlockPattern, m: int) -> torch.Tensor:
+    """The slots sparse_cholesky_bound takes: slot (r, k) holds ``G[k, r]`` (nodes at those
+    elimination positions), float32."""
+    A = torch.zeros(len(pattern.slot), m, m, dtype=torch.float32)
+    for (r, k), i in pattern.slot.items():
+        a, b = pattern.order[k], pattern.order[r]
+        A[i] = G[a * m : (a + 1) * m, b * m : (b + 1) * m].float()
+    return A
 
 
 @given(
-    n_blocks=st.integers(2, 6),
-    m=st.integers(1, 9),
-    width=st.integers(1, 4),
+    n_nodes=st.integers(1, 9),
+    m=st.integers(1, 8),
+    n_cols=st.integers(1, 8),
+    reads=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=25, deadline=None)
-def test_the_banded_certificate_decides_as_the_eigenvalues_do(n_blocks, m, width, seed):
-    width = min(width, n_blocks - 1)
-    G = banded_gram(n_blocks, m, width, seed)
+@settings(max_examples=40, deadline=None)
+def test_the_sparse_certificate_is_never_below_lambda_max_and_within_1e2_above_it(
+    n_nodes, m, n_cols, reads, seed
+):
+    G, adjacency = sparse_gram(n_nodes, m, n_cols, min(reads, n_cols), seed)
     lam = float(torch.linalg.eigvalsh(G)[-1])
-    band = to_band(G, n_blocks, m, width)
-    assert certify.banded_cholesky_certifies(band, lam * (1 + 1e-6))
-    assert not certify.banded_cholesky_certifies(band, lam * (1 - 1e-6))
-    # and as the dense certificate does, on both sides of lambda_max
-    for t in (lam * (1 + 1e-6), lam * (1 - 1e-6), lam * (1 + 1e-16)):
-        assert certify.banded_cholesky_certifies(band, t) == certify.cholesky_certifies(G, t)
+    pattern = certify.min_degree_pattern(adjacency)
+    for step in (-1e-2, -1e-4, -1e-6, -1e-7, 1e-4, 1e-3, 1e-2):  # below lambda_max too
+        t = certify.sparse_cholesky_bound(to_slots(G, pattern, m), pattern, lam * (1 + step))
+        if step >= 1e-3:
+            assert t is not None, (step, lam)
+        if t is not None:
+            assert t >= lam, (step, t, lam)
+            assert t <= lam * (1 + max(step, 0) + 1e-2), (step, t, lam)
 
 
-def test_the_banded_certificate_covers_the_stated_error_and_reads_only_the_band():
-    G = banded_gram(5, 6, 2, seed=3)
+def test_the_sparse_certificate_covers_the_stated_error_and_ignores_the_upper_diagonal_triangle():
+    G, adjacency = sparse_gram(6, 5, 6, 2, seed=3)
     lam = float(torch.linalg.eigvalsh(G)[-1])
-    band = to_band(G, 5, 6, 2)
-    delta = 1e-4 * lam
-    assert certify.banded_cholesky_certifies(band, lam + 0.5 * delta)
-    assert not certify.banded_cholesky_certifies(band, lam + 0.5 * delta, delta)
-    assert certify.banded_cholesky_certifies(band, lam + 1.5 * delta, delta)
-    # junk above the diagonal of the diagonal blocks and in the unused slots band[i, d > i]
-    junk = band.clone()
-    for i in range(5):
-        junk[i, 0] += torch.triu(torch.full((6, 6), 1e3, dtype=torch.float64), 1)
-    junk[0, 1:] = 7.0
-    junk[1, 2:] = -7.0
-    for t in (lam * (1 + 1e-6), lam * (1 - 1e-6)):
-        assert certify.banded_cholesky_certifies(junk, t) == certify.banded_cholesky_certifies(
-            band, t
-        )
-    # overwrite=True consumes the band, and decides the same
-    assert certify.banded_cholesky_certifies(band.clone(), lam * (1 + 1e-6), overwrite=True)
+    pattern = certify.min_degree_pattern(adjacency)
+    delta = 1e-3 * lam
+    t = certify.sparse_cholesky_bound(to_slots(G, pattern, 5), pattern, lam * 1.001, delta)
+    assert t is not None and t >= lam + delta
+    # the diagonal blocks are read in their lower triangle only
+    A = to_slots(G, pattern, 5)
+    for k in range(6):
+        A[pattern.slot[(k, k)]].triu_(1).mul_(-7).add_(torch.tril(A[pattern.slot[(k, k)]]))
+    assert certify.sparse_cholesky_bound(A, pattern, lam * 1.001) == pytest.approx(
+        certify.sparse_cholesky_bound(to_slots(G, pattern, 5), pattern, lam * 1.001), rel=1e-6
+    )
 
 
-def test_band_work_counts_the_kept_blocks():
-    m = 10
-    # no band (width 0): one factorization per block
-    assert certify.band_work(4, 0, m) == pytest.approx(4 * m**3 / 3)
-    # the dcgan28 critic's second conv at width 64: 7 rows of 896, band 2, ~3.3e10 flops
-    assert 3.0e10 < certify.band_work(7, 2, 896) < 3.5e10
-    assert certify.band_work(7, 2, 896) < (7 * 896) ** 3 / 3
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_float32_factor_residual_is_within_the_margin_it_adds(seed):
+    """``||L L^T - fl(s I - G)||_2`` (float64, from the float32 factor itself) is at most
+    ``factor_margin``, the rounding term the certificate adds; near-singular ``s I - G``."""
+    G, adjacency = sparse_gram(7, 24, 7, 3, seed)
+    lam = float(torch.linalg.eigvalsh(G)[-1])
+    pattern = certify.min_degree_pattern(adjacency)
+    m, n = 24, 7 * 24
+    A = to_slots(G, pattern, m)
+    B = torch.zeros(n, n, dtype=torch.float64)  # fl(s I - G), as _factor forms it
+    s = lam * (1 + 1e-5)
+    for (r, k), i in pattern.slot.items():
+        blk = -A[i].double().t()  # slot (r, k) holds G[k, r]: block (r, k) is its transpose
+        if r == k:
+            blk = torch.tril(blk) + torch.tril(blk, -1).t()
+            blk = (blk.float() + torch.eye(m) * s).double()
+        a, b = pattern.order[r], pattern.order[k]
+        B[a * m : (a + 1) * m, b * m : (b + 1) * m] = blk
+        B[b * m : (b + 1) * m, a * m : (a + 1) * m] = blk.t()
+    assert certify._factor(A, pattern, s)
+    L = torch.zeros(n, n, dtype=torch.float64)
+    for (r, k), i in pattern.slot.items():
+        a, b = pattern.order[r], pattern.order[k]
+        L[a * m : (a + 1) * m, b * m : (b + 1) * m] = A[i].double().t()
+    residual = float(torch.linalg.matrix_norm(L @ L.t() - B, ord=2))
+    margin = certify.factor_margin(A, pattern)
+    assert 0 < residual <= margin, (residual, margin)
+    assert margin < 1e-2 * lam
 
 
-def _band_bound(layer: nn.Module, shape) -> float | None:
-    """The banded certificate, forced (no dense factorization, no work limit)."""
+@given(n=st.integers(1, 12), p=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_the_minimum_degree_pattern_holds_every_fill_block(n, p, seed):
+    """Eliminating position k joins its later neighbours: each pair of them has a block."""
+    g = torch.Generator().manual_seed(seed)
+    edges = torch.rand(n, n, generator=g) < p
+    adjacency = [{j for j in range(n) if edges[min(i, j), max(i, j)] and i != j} for i in range(n)]
+    pat = certify.min_degree_pattern(adjacency)
+    assert sorted(pat.order) == list(range(n))
+    pos = pat.position
+    for i in range(n):
+        for j in adjacency[i]:
+            assert (max(pos[i], pos[j]), min(pos[i], pos[j])) in pat.slot
+    for k, rows in enumerate(pat.cols):
+        assert all(r > k for r in rows)
+        for a in rows:
+            for b in rows:
+                if a >= b:
+                    assert (a, b) in pat.slot
+    assert pat.work(3) == pytest.approx(sum(27 * (1 / 3 + len(c) * (len(c) + 2)) for c in pat.cols))
+
+
+def test_the_minimum_degree_order_saves_work_on_the_dcgan28_convs():
+    """The critic's second and third conv (width 64) as position graphs: 49 nodes of 128 and
+    16 of 256 (positions within 2 rows and 2 columns share reads)."""
+
+    def grid(h, w, reach):
+        nodes = [(i, j) for i in range(h) for j in range(w)]
+        return [
+            {b for b, q in enumerate(nodes) if max(abs(p[0] - q[0]), abs(p[1] - q[1])) <= reach}
+            for p in nodes
+        ]
+
+    w2 = certify.min_degree_pattern(grid(7, 7, 2)).work(128)
+    w3 = certify.min_degree_pattern(grid(4, 4, 2)).work(256)
+    assert 1.7e10 < w2 < 1.9e10 and w2 < (49 * 128) ** 3 / 3 / 4
+    assert 1.4e10 < w3 < 1.6e10 and w3 < (16 * 256) ** 3 / 3 * 0.7
+
+
+def _sparse_bound(layer: nn.Module, shape) -> float | None:
+    """The block-sparse certificate, forced (no dense factorization, no work limit)."""
     geom = conv_geometry(layer, shape)
-    if geom.mode != "zeros" or not convgram._band_affordable(geom, math.inf, 2**40):
+    if geom.mode != "zeros":
         return None
     return convgram.cholesky_bound(geom, limit=1, work=math.inf)
 
@@ -101,19 +164,20 @@ def _band_bound(layer: nn.Module, shape) -> float | None:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-def test_the_banded_conv_bound_is_never_below_the_dense_truth_and_within_2e3(cfg):
+def test_the_sparse_conv_bound_is_never_below_the_dense_truth_and_within_5e3(cfg):
     layer, shape = build_conv(cfg)
     assume(layer is not None)
-    up = _band_bound(layer, shape)
+    up = _sparse_bound(layer, shape)
     assume(up is not None)
     truth = dense_truth(layer, shape)
     assert up >= truth * (1 - 1e-12), (layer, shape, up, truth)
-    assert up <= truth * (1 + 2e-3) + 1e-150, (layer, shape, up, truth)
+    assert up <= truth * (1 + 5e-3) + 1e-150, (layer, shape, up, truth)
 
 
 @pytest.mark.parametrize("width", [4, 8])
-def test_the_banded_bound_certifies_the_dcgan28_critic_convs_within_1e3(width):
-    """Each conv of the critic through the band (forced), against its dense matrix."""
+def test_the_sparse_bound_certifies_the_dcgan28_critic_convs_within_3e3(width):
+    """Each conv of the critic through the block-sparse certificate (forced), against its dense
+    matrix."""
     from lipgan.models.gan28 import critic
 
     torch.manual_seed(0)
@@ -121,13 +185,13 @@ def test_the_banded_bound_certifies_the_dcgan28_critic_convs_within_1e3(width):
     shapes = [(1, 28, 28), (width, 14, 14), (2 * width, 7, 7)]
     convs = [m for m in model if isinstance(m, nn.Conv2d)]
     for layer, shape in zip(convs, shapes):
-        up = _band_bound(layer, shape)
+        up = _sparse_bound(layer, shape)
         truth = dense_truth(layer, shape)
-        assert truth * (1 - 1e-12) <= up <= truth * (1 + 1e-3), (layer, up, truth)
+        assert truth * (1 - 1e-12) <= up <= truth * (1 + 3e-3), (layer, up, truth)
 
 
-def test_a_side_over_the_dense_limit_is_certified_by_the_band_in_layer_bound():
-    """Above CHOL_LIMIT, layer_bound takes the band (method "chol") where it is affordable."""
+def test_a_side_over_the_dense_limit_is_certified_block_sparse_in_layer_bound():
+    """Above CHOL_LIMIT, layer_bound takes the block-sparse certificate (method "chol")."""
     from lipgan.analysis.operators import layer_bound
 
     torch.manual_seed(1)
@@ -135,7 +199,7 @@ def test_a_side_over_the_dense_limit_is_certified_by_the_band_in_layer_bound():
     shape = (8, 14, 14)  # output side 16 * 49 = 784
     truth = dense_truth(layer, shape)
     b = layer_bound(layer, shape, dense_limit=0, lower=False, chol_limit=400)
-    assert b.method == "chol" and truth * (1 - 1e-12) <= b.upper <= truth * (1 + 1e-3)
+    assert b.method == "chol" and truth * (1 - 1e-12) <= b.upper <= truth * (1 + 3e-3)
     b = layer_bound(layer, shape, dense_limit=0, lower=False, chol_limit=0)  # 0: no Cholesky
     assert b.method == "freq" and b.upper >= truth
 
@@ -161,8 +225,8 @@ def test_a_matrix_smaller_than_the_krylov_space_gets_a_tight_certificate(n, spre
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-def test_the_banded_conv_bound_sweep(cfg):
+def test_the_sparse_conv_bound_sweep(cfg):
     """The larger sweep of the test above (``make test-slow``)."""
-    test_the_banded_conv_bound_is_never_below_the_dense_truth_and_within_2e3.hypothesis.inner_test(
+    test_the_sparse_conv_bound_is_never_below_the_dense_truth_and_within_5e3.hypothesis.inner_test(
         cfg
     )

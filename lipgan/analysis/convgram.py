@@ -1,29 +1,32 @@
 """The ``"chol"`` bound of a zero-padded conv: its Gram matrix on the smaller side, certified by one
-Cholesky factorization (:mod:`lipgan.analysis.certify`), dense or block-banded.
+Cholesky factorization (:mod:`lipgan.analysis.certify`), dense or block-sparse.
 
 The Gram matrix is assembled from the tap products ``W_t W_t'^T`` (or ``W_t^T W_t'``) that all
 positions share, with a bound of its rounding error, so the certificate covers the exact Gram.
-Ordered by the first spatial axis of its side, that Gram matrix is block-banded: two outputs more
-than ``(k - 1) d / s`` rows apart read no common input. Where the side is too large for a dense
-factorization (``CHOL_LIMIT``) the band alone is factored, when its work is at most
-``BAND_WORK`` flops (the dcgan28 critic's second conv at width 64: 6272 = 7 rows of 896, band 2,
-about 3.3e10 flops against 8.2e10 dense).
+It is block-sparse: two positions of the side more than ``(k - 1) d / s`` apart on some axis
+read no common input, so their block is an exact zero. Up to ``CHOL_LIMIT`` entries the dense
+matrix is factored in float64; above, the blocks of nodes of a few positions are factored in
+float32 in the minimum-degree order, where that takes at most ``SPARSE_WORK`` flops (the
+dcgan28 critic's second conv at width 64: 49 nodes of 128, 1.8e10 flops against 8.2e10 dense;
+its third: 16 nodes of 256, 1.5e10 against 2.3e10), with the float32 rounding bounded a
+posteriori (:func:`certify.sparse_cholesky_bound`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
 from lipgan.analysis.certify import (
-    band_work,
-    banded_cholesky_certifies,
+    BlockPattern,
     certified_max_eig,
     cholesky_certifies,
     lanczos_estimate,
+    min_degree_pattern,
+    sparse_cholesky_bound,
 )
 from lipgan.analysis.convmap import (
     ConvGeometry,
@@ -33,20 +36,26 @@ from lipgan.analysis.convmap import (
     outer_threads,
 )
 
-__all__ = ["CHOL_LIMIT", "BAND_WORK", "conv_grams", "cholesky_bound"]
+__all__ = ["CHOL_LIMIT", "SPARSE_WORK", "conv_grams", "cholesky_bound"]
 
-#: the dense Cholesky certificate runs where the smaller side of each group's operator has at
-#: most this many entries (one float64 Cholesky of 4096 takes ~1.3 CPU s; 6272 ~3.7 s)
-CHOL_LIMIT = 4096
-#: above CHOL_LIMIT, the banded certificate runs where its work is at most this many flops
-BAND_WORK = 4e10
+#: the dense float64 Cholesky certificate runs where the smaller side of each group's operator
+#: has at most this many entries (one float64 Cholesky of 2048 takes ~0.1 s, of 4096 ~0.7 s)
+CHOL_LIMIT = 2048
+#: above CHOL_LIMIT, the block-sparse certificate runs where its work is at most this many flops
+SPARSE_WORK = 4e10
+#: ... and where its stored blocks hold at most this many float32 entries (512 MiB)
+MAX_ENTRIES = 2**27
+#: no Gram matrix is built for a side larger than this (the pair enumeration alone would be slow)
+MAX_SIDE = 2**17
+#: entries per node of the block-sparse factorization, at least (smaller blocks: BLAS 2 speed)
+MIN_BLOCK = 64
 
 
-@dataclass
+@dataclasses.dataclass
 class _PairBlocks:
     """The nonzero blocks ``G[o1, o2]`` (o1 >= o2: the lower triangle) of each group's Gram
     matrix on its smaller side, with ``n_o`` positions of ``c`` channels (index ``o * c + ch``),
-    the first spatial axis of that side of length ``rows``, and ``delta`` per group: a bound of
+    and ``delta`` per group: a bound of
     the rounding error ``||G - G_exact||_2``. Block ``b`` is the sum of the tap products
     ``products[g][inv[j]]`` over the reads j with ``brow[j] == b`` (brow sorted)."""
 
@@ -57,14 +66,17 @@ class _PairBlocks:
     bj: torch.Tensor  # (n_b,) position o2 <= o1
     n_o: int
     c: int
-    rows: int
     out_side: bool
     deltas: list[float]
+    layout: _Sparse | None = None
 
 
-def _pair_blocks(geom: ConvGeometry, max_side: int, max_entries: int = 2**25) -> _PairBlocks | None:
+def _pair_blocks(
+    geom: ConvGeometry, max_side: int, max_entries: int = 2**25, sparse: bool = False
+) -> _PairBlocks | None:
     """The lower blocks of the smaller side's Gram matrix (:class:`_PairBlocks`); None when that
     side has more than ``max_side`` entries or the tap products more than ``max_entries``.
+    ``sparse``: with the block-sparse layout of :func:`_layout` (``layout``).
 
     A valid read (output p, tap t, input x = s p + d t - lo) puts ``W_t`` at block (p, x) of A, so
     ``(A A^T)[p, p'] = sum_{t, t' reading one x} W_t W_t'^T`` (and ``(A^T A)[x, x'] = sum over
@@ -95,7 +107,6 @@ def _pair_blocks(geom: ConvGeometry, max_side: int, max_entries: int = 2**25) ->
     xi = xf[pi, ti]
     out_side = cog * L <= cig * X
     shared, other, n_o = (xi, pi, L) if out_side else (pi, xi, X)
-    c = cog if out_side else cig
     # the reads of each shared index, padded with -1, and all their pairs
     order = torch.argsort(shared, stable=True)
     counts = torch.bincount(shared, minlength=int(shared.max()) + 1 if len(shared) else 1)
@@ -107,6 +118,12 @@ def _pair_blocks(geom: ConvGeometry, max_side: int, max_entries: int = 2**25) ->
     i1, i2 = a[keep], b[keep]
     # G is symmetric and the Cholesky reads its lower triangle only: the blocks (o1, o2) with
     # o1 >= o2 suffice (about half the tap products and half the product below)
+    c = cog if out_side else cig
+    layout = None
+    if sparse:
+        layout = _layout(other[i1], other[i2], n_o, c, (out if out_side else sp)[-1])
+        if layout is None:
+            return None
     lower = other[i1] >= other[i2]
     i1, i2 = i1[lower], i2[lower]
     taps, inv = torch.unique(ti[i1] * K + ti[i2], return_inverse=True)
@@ -130,23 +147,29 @@ def _pair_blocks(geom: ConvGeometry, max_side: int, max_entries: int = 2**25) ->
         fro = float(Wt.square().sum((1, 2))[ti].sum()) * 1.01
         m = inner + 2
         deltas.append(10 * m * 2.0**-53 / (1 - m * 2.0**-53) * fro)
-    rows = (out if out_side else sp)[0]
-    return _PairBlocks(
-        result, brow, inv, blocks // n_o, blocks % n_o, n_o, c, rows, out_side, deltas
-    )
+    bi, bj = blocks // n_o, blocks % n_o
+    if layout is not None:
+        layout.place(bi, bj)
+    return _PairBlocks(result, brow, inv, bi, bj, n_o, c, out_side, deltas, layout)
 
 
-def _scatter(view: torch.Tensor, pb: _PairBlocks, g: int, index, chunk: int = 2**22) -> None:
-    """Write each block's sum of tap products: ``view[index(blocks)] = sums``, a chunk of blocks
-    at a time: ``sums = C @ P`` with the chunk's (blocks x tap products) count matrix C, which
-    streams the products once per chunk (a gather of each block's products moves several times
-    more memory, and memory is what this step waits for)."""
+def _scatter(pb: _PairBlocks, g: int, write, chunk: int = 2**22) -> None:
+    """Each block's sum of tap products, a chunk of blocks at a time: ``write(b0, b1, sums)``
+    with ``sums`` (b1 - b0, c, c) float64 for blocks b0..b1-1. ``sums = C @ P`` with the
+    chunk's (blocks x tap products) count matrix C, which streams the products once per chunk (a
+    gather of each block's products moves several times more memory, and memory is what this
+    step waits for); where the products are small (few channels), a gather of each read's
+    product and one ``index_add_`` instead (the count matrix would be mostly zeros)."""
     P = pb.products[g].reshape(len(pb.products[g]), pb.c * pb.c)
     n_t = P.shape[0]
     if n_t == 0 or len(pb.bi) == 0:  # no read is valid: the Gram matrix is 0
         return
-    per = max(1, chunk // max(P.shape[1], 1))
     n_b = len(pb.bi)
+    if len(pb.brow) * P.shape[1] <= chunk:
+        sums = P.new_zeros(n_b, P.shape[1]).index_add_(0, pb.brow, P[pb.inv])
+        write(0, n_b, sums.view(n_b, pb.c, pb.c))
+        return
+    per = max(1, chunk // max(P.shape[1], 1))
     edges = torch.searchsorted(pb.brow, torch.arange(0, n_b + per, per).clamp_max(n_b)).tolist()
     sums = P.new_empty(min(per, n_b), P.shape[1])
     for k, b0 in enumerate(range(0, n_b, per)):
@@ -155,7 +178,7 @@ def _scatter(view: torch.Tensor, pb: _PairBlocks, g: int, index, chunk: int = 2*
         C = P.new_zeros(b1 - b0, n_t)
         C.index_put_((pb.brow[lo:hi] - b0, pb.inv[lo:hi]), P.new_ones(hi - lo), accumulate=True)
         part = torch.mm(C, P, out=sums[: b1 - b0])
-        view[index(torch.arange(b0, b1))] = part.view(b1 - b0, pb.c, pb.c)
+        write(b0, b1, part.view(b1 - b0, pb.c, pb.c))
 
 
 def _dense(pb: _PairBlocks, g: int, mirror: bool = False) -> torch.Tensor:
@@ -163,23 +186,95 @@ def _dense(pb: _PairBlocks, g: int, mirror: bool = False) -> torch.Tensor:
     n_o, c, bi, bj = pb.n_o, pb.c, pb.bi, pb.bj
     G = torch.zeros(n_o * c, n_o * c, dtype=torch.float64)  # blocks no read links stay 0
     G4 = G.view(n_o, c, n_o, c).transpose(1, 2)
-    _scatter(G4, pb, g, lambda b: (bi[b], bj[b]))
+
+    def write(b0: int, b1: int, part: torch.Tensor) -> None:
+        G4[bi[b0:b1], bj[b0:b1]] = part
+
+    _scatter(pb, g, write)
     if mirror:
         off = bi != bj
         G4[bj[off], bi[off]] = G4[bi[off], bj[off]].mT
     return G
 
 
-def _band(pb: _PairBlocks, g: int) -> torch.Tensor:
-    """Group g's Gram matrix as its band (``certify.banded_cholesky_certifies``): block rows of
-    one coordinate of the side's first spatial axis (``n_o / rows`` positions of c channels)."""
-    per = pb.n_o // pb.rows
-    ri, rj = pb.bi // per, pb.bj // per
-    width = int((ri - rj).max()) if len(ri) else 0
-    band = torch.zeros(pb.rows, width + 1, per * pb.c, per * pb.c, dtype=torch.float64)
-    B6 = band.view(pb.rows, width + 1, per, pb.c, per, pb.c).transpose(3, 4)
-    _scatter(B6, pb, g, lambda b: (ri[b], ri[b] - rj[b], pb.bi[b] % per, pb.bj[b] % per))
-    return band
+@dataclasses.dataclass
+class _Sparse:
+    """The block-sparse layout of a Gram matrix (:func:`certify.sparse_cholesky_bound`): nodes
+    of ``tile`` consecutive positions (``m = tile * c`` entries) at their elimination positions
+    ``pos`` (minimum degree on their block graph); per pair block ``(o1, o2)`` (o1 >= o2) its
+    ``slot``, whether it is stored transposed (``trans``: the slot of nodes (r, k) holds
+    ``G[k, r]``), and where inside the slot (``sub``); ``fill``: the slots no block writes."""
+
+    pattern: BlockPattern
+    tile: int
+    m: int
+    pos: torch.Tensor
+    slot: torch.Tensor | None = None
+    trans: torch.Tensor | None = None
+    sub: tuple[torch.Tensor, torch.Tensor] | None = None
+    fill: torch.Tensor | None = None
+
+    def place(self, bi: torch.Tensor, bj: torch.Tensor) -> None:
+        e1, e2 = self.pos[bi // self.tile], self.pos[bj // self.tile]
+        N = len(self.pattern.order)
+        lut = torch.full((N, N), -1, dtype=torch.long)
+        keys = torch.tensor(list(self.pattern.slot), dtype=torch.long).reshape(-1, 2)
+        lut[keys[:, 0], keys[:, 1]] = torch.arange(len(keys))
+        self.slot = lut[torch.maximum(e1, e2), torch.minimum(e1, e2)]
+        # slot (r, k) holds G[k, r]: the block G[o1, o2] goes in as its transpose where o1's node
+        # is eliminated later; a diagonal slot keeps its lower triangle, as the Cholesky reads it
+        self.trans = e1 > e2
+        a, b = bi % self.tile, bj % self.tile
+        self.sub = (torch.where(self.trans, b, a), torch.where(self.trans, a, b))
+        used = torch.zeros(len(keys), dtype=torch.bool)
+        used[self.slot] = True
+        self.fill = torch.nonzero(~used)[:, 0]
+
+
+def _layout(o1: torch.Tensor, o2: torch.Tensor, n_o: int, c: int, last: int, max_nodes=400):
+    """:class:`_Sparse` for positions that share reads pairwise (o1[i], o2[i]): nodes of the
+    fewest consecutive positions along the side's last axis (a divisor of its length, ``last``)
+    with at least ``MIN_BLOCK`` entries, so that the factorization runs as BLAS 3; None when
+    there would be more than ``max_nodes`` nodes."""
+    tile = next((t for t in range(1, last + 1) if last % t == 0 and t * c >= MIN_BLOCK), last)
+    N = n_o // tile
+    if N > max_nodes:
+        return None
+    adjacency: list[set[int]] = [set() for _ in range(N)]
+    for a, b in (divmod(x, N) for x in torch.unique((o1 // tile) * N + o2 // tile).tolist()):
+        adjacency[a].add(b)
+        adjacency[b].add(a)
+    pattern = min_degree_pattern(adjacency)
+    pos = torch.tensor([pattern.position[i] for i in range(N)])
+    return _Sparse(pattern, tile, tile * c, pos)
+
+
+def _sparse(pb: _PairBlocks, g: int) -> tuple[torch.Tensor, float]:
+    """Group g's Gram matrix in the slots of ``pb.layout`` (float32, the lower blocks in the
+    elimination order) and a bound of its Frobenius norm (from the float64 sums)."""
+    lay, c = pb.layout, pb.c
+    A = torch.empty(len(lay.pattern.slot), lay.m, lay.m, dtype=torch.float32)
+    if lay.tile == 1:  # the blocks cover their slots: only the fill is zero
+        A[lay.fill] = 0.0
+    else:  # pairs of positions in two nodes may read nothing in common
+        A.zero_()
+    V = A.view(-1, lay.tile, c, lay.tile, c).transpose(2, 3)
+    fro2 = [0.0]
+    t1, t2 = lay.sub
+
+    def write(b0: int, b1: int, part: torch.Tensor) -> None:
+        if lay.tile == 1:  # whole blocks: cast into the slots, then transpose those stored ^T
+            sl, tr = lay.slot[b0:b1], lay.trans[b0:b1]
+            A.index_copy_(0, sl, part.to(torch.float32))
+            A[sl[tr]] = A[sl[tr]].mT
+        else:
+            tr = lay.trans[b0:b1, None, None]
+            V[lay.slot[b0:b1], t1[b0:b1], t2[b0:b1]] = torch.where(tr, part.mT, part).float()
+        twice = 1.0 + (pb.bi[b0:b1] != pb.bj[b0:b1]).double()
+        fro2[0] += float(torch.linalg.vector_norm(part, dim=(1, 2)).square() @ twice)
+
+    _scatter(pb, g, write)
+    return A, math.sqrt(fro2[0]) * (1 + 1e-12)
 
 
 def conv_grams(geom: ConvGeometry, limit: int, max_entries: int = 2**25):
@@ -195,7 +290,8 @@ def conv_grams(geom: ConvGeometry, limit: int, max_entries: int = 2**25):
 def _gram_estimate(geom: ConvGeometry, pb: _PairBlocks, g: int, seed: int = 0) -> float:
     """Lanczos estimate of group g's lambda_max from the conv's own products in float32
     (``A A^T`` or ``A^T A`` on that group's channels): no dense matrix is needed."""
-    f, ft = geometry_map(geom), geometry_adjoint(geom)
+    g32 = dataclasses.replace(geom, weight=geom.weight.float())  # cast once, not per product
+    f, ft = geometry_map(g32), geometry_adjoint(g32)
     shape = (1, pb.c * geom.groups, *geom.out_spatial) if pb.out_side else (1, *geom.in_shape)
     start = torch.zeros(shape, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -215,54 +311,49 @@ def _side(geom: ConvGeometry) -> int:
     return min(cog * math.prod(geom.out_spatial), cig * math.prod(geom.in_shape[1:]))
 
 
-def _band_affordable(geom: ConvGeometry, work: float, max_entries: int = 2**25) -> bool:
-    """Whether the banded certificate fits ``work`` flops and ``max_entries`` (from the geometry:
-    rows of the output side more than ``d (k - 1) / s`` apart, of the input side more than
-    ``d (k - 1)`` apart, share no read)."""
-    if work <= 0:
-        return False
-    cog, cig = geom.weight.shape[0] // geom.groups, geom.weight.shape[1]
-    out, sp = geom.out_spatial, geom.in_shape[1:]
-    reach = geom.dilation[0] * (geom.weight.shape[2] - 1)
-    if cog * math.prod(out) <= cig * math.prod(sp):
-        rows, width, m = out[0], reach // geom.stride[0], cog * math.prod(out[1:])
-    else:
-        rows, width, m = sp[0], reach, cig * math.prod(sp[1:])
-    width = min(width, rows - 1)
-    if width + 1 >= rows:  # no band to keep: the dense factorization
-        return False
-    return band_work(rows, width, m) <= work and rows * (width + 1) * m * m <= max_entries
-
-
 def cholesky_bound(
-    geom: ConvGeometry, limit: int = CHOL_LIMIT, work: float = BAND_WORK
+    geom: ConvGeometry, limit: int = CHOL_LIMIT, work: float = SPARSE_WORK
 ) -> float | None:
     """The ``"chol"`` bound of a zero-padded conv (max over groups), or None.
 
-    Dense where the smaller side has at most ``limit`` entries; else banded where the band's
-    factorization takes at most ``work`` flops (and ``limit > 0``).
+    Dense (float64) where the smaller side has at most ``limit`` entries; else block-sparse
+    (float32, :func:`certify.sparse_cholesky_bound`) where that factorization takes at most
+    ``work`` flops and ``MAX_ENTRIES`` stored entries (and ``limit > 0``).
     """
-    if limit <= 0:
+    if limit <= 0 or _side(geom) > MAX_SIDE:
         return None
     dense = _side(geom) <= limit
-    if not dense and not _band_affordable(geom, work):
-        return None
     with one_thread():  # many small products; the Cholesky below may use every thread
-        pb = _pair_blocks(geom, 2**62)
+        pb = _pair_blocks(geom, 2**62, sparse=not dense)
     if pb is None:
         return None
     n = pb.n_o * pb.c
+    if not dense:
+        lay = pb.layout
+        if lay.pattern.work(lay.m) > work or len(lay.pattern.slot) * lay.m**2 > MAX_ENTRIES:
+            return None
     big = n > 2048  # small: one thread is faster than two; large: BLAS 3 and convs scale
-    if dense:
-        build, certifies = _dense, functools.partial(cholesky_certifies, overwrite=True)
-    else:
-        build, certifies = _band, functools.partial(banded_cholesky_certifies, overwrite=True)
     best = 0.0
     for g in range(geom.groups):
         with outer_threads() if big else one_thread():
             est = _gram_estimate(geom, pb, g)
-            t = certified_max_eig(functools.partial(build, pb, g), certifies, est, pb.deltas[g])
+            if dense:
+                build = functools.partial(_dense, pb, g)
+                bound = _dense_bound
+            else:
+                build = functools.partial(_sparse, pb, g)
+                bound = functools.partial(_sparse_bound, pb.layout.pattern)
+            t = certified_max_eig(build, bound, est, pb.deltas[g])
         if t is None:
             return None
         best = max(best, t)
     return math.sqrt(best)
+
+
+def _dense_bound(G: torch.Tensor, t: float, delta: float) -> float | None:
+    return t if cholesky_certifies(G, t, delta, overwrite=True) else None
+
+
+def _sparse_bound(pattern: BlockPattern, built, t: float, delta: float) -> float | None:
+    A, fro = built
+    return sparse_cholesky_bound(A, pattern, t, delta, gram_fro=fro)
