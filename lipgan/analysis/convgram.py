@@ -126,7 +126,8 @@ def _pair_blocks(
             return None
     lower = other[i1] >= other[i2]
     i1, i2 = i1[lower], i2[lower]
-    taps, inv = torch.unique(ti[i1] * K + ti[i2], return_inverse=True)
+    # tap pairs (t1, t2) sorted by t2: each W_t2's partners form one contiguous run below
+    taps, inv = torch.unique(ti[i2] * K + ti[i1], return_inverse=True)
     if taps.numel() * c * c > max_entries:
         return None
     blocks, brow = torch.unique(other[i1] * n_o + other[i2], return_inverse=True)
@@ -137,11 +138,11 @@ def _pair_blocks(
     inner = cig * X if out_side else cog * L  # products summed into one entry, at most
     result, deltas = [], []
     for g in range(geom.groups):
-        Wt = w[g * cog : (g + 1) * cog].reshape(cog, cig, K).permute(2, 0, 1)
+        Wt = w[g * cog : (g + 1) * cog].reshape(cog, cig, K).permute(2, 0, 1).contiguous()
         if not out_side:
             Wt = Wt.mT
-        with outer_threads():  # one batched product: BLAS 3 scales
-            result.append(Wt[taps // K] @ Wt[taps % K].mT)  # (taps, c, c)
+        with outer_threads():  # BLAS 3 scales
+            result.append(_tap_products(Wt, taps % K, taps // K))
         # |fl(G) - G| <= gamma_m |A| |A|^T entrywise (any summation order), so its 2-norm is at
         # most gamma_m ||A||_F^2, and ||A||_F^2 = sum over reads of ||W_t||_F^2; ten times that
         fro = float(Wt.square().sum((1, 2))[ti].sum()) * 1.01
@@ -151,6 +152,20 @@ def _pair_blocks(
     if layout is not None:
         layout.place(bi, bj)
     return _PairBlocks(result, brow, inv, bi, bj, n_o, c, out_side, deltas, layout)
+
+
+def _tap_products(Wt: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``Wt[left[i]] @ Wt[right[i]]^T`` for every i, (len(left), c, c), ``right`` sorted: per
+    right tap one product of all its partners stacked, ``[W_l1; W_l2; ...] W_r^T``, whose rows
+    are those products one after another (a tall GEMM instead of a batch of small ones, written
+    in place)."""
+    c = Wt.shape[1]
+    out = Wt.new_empty(len(left), c, c)
+    edges = torch.searchsorted(right, torch.unique(right)).tolist() + [len(right)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        stacked = Wt[left[a:b]].reshape((b - a) * c, -1)
+        torch.mm(stacked, Wt[int(right[a])].T, out=out[a:b].view((b - a) * c, c))
+    return out
 
 
 def _scatter(pb: _PairBlocks, g: int, write, chunk: int = 2**22) -> None:
