@@ -320,6 +320,14 @@ def _gram_estimate(geom: ConvGeometry, pb: _PairBlocks, g: int, seed: int = 0) -
     return lanczos_estimate(matvec, start)
 
 
+def _matrix_estimate(G: torch.Tensor, seed: int = 0) -> float:
+    """Lanczos estimate of a dense symmetric G's lambda_max (float32 products)."""
+    G32 = G.to(torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    v0 = torch.randn(G.shape[0], generator=gen, dtype=torch.float64).float()
+    return lanczos_estimate(lambda v: G32 @ v, v0)
+
+
 def _side(geom: ConvGeometry) -> int:
     """Entries of the smaller side of one group's operator."""
     cog, cig = geom.weight.shape[0] // geom.groups, geom.weight.shape[1]
@@ -351,11 +359,12 @@ def cholesky_bound(
     best = 0.0
     for g in range(geom.groups):
         with outer_threads() if big else one_thread():
-            est = _gram_estimate(geom, pb, g)
-            if dense:
-                build = functools.partial(_dense, pb, g)
-                bound = _dense_bound
+            if dense:  # the estimate from G itself: a small matrix is cheaper than two convs
+                G = _dense(pb, g, mirror=True)
+                est = _matrix_estimate(G)
+                build, bound = G.clone, _dense_bound
             else:
+                est = _gram_estimate(geom, pb, g)
                 build = functools.partial(_sparse, pb, g)
                 bound = functools.partial(_sparse_bound, pb.layout.pattern)
             t = certified_max_eig(build, bound, est, pb.deltas[g])
