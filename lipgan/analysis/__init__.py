@@ -2,7 +2,7 @@
 composed along the computation graph, attained lower bounds, and the iterations behind them.
 
 - ``operators``, ``conv``, ``activations``, ``iteration``: per-layer bounds (``layer_bound``);
-- ``certify``: the dense and banded Cholesky certificates of lambda_max;
+- ``certify``: the dense (float64) and block-sparse (float32) Cholesky certificates of lambda_max;
 - ``leaves``: which module is which leaf, declared constants, the per-leaf consistency check;
 - ``functional``: functional calls (``F.relu``, ``F.pad``, ...) as the modules that compute them;
 - ``tracing``: torch.fx tracing; ``nodes``: the leaf of one graph node;

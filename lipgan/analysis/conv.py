@@ -21,11 +21,12 @@ Every value returned as an upper bound is certified (never below ``max ||A x|| /
   then ``||A|| <= ||P|| ||valid conv||``.
 - ``"chol"``: zero padding, smaller side up to ``CHOL_LIMIT``: the Gram matrix on the smaller
   side, assembled from the tap products ``W_t W_t'^T`` (or ``W_t^T W_t'``) shared by all positions,
-  then a Lanczos estimate lam and a Cholesky of ``lam (1 + 1e-3) I - G`` with a margin for the
-  Gram's and the factorization's rounding (``certify.cholesky_certifies``): within 5e-4 of exact.
-  Above ``CHOL_LIMIT`` the same Gram matrix, block-banded along the first spatial axis, is
-  factored in its band where that costs at most ``BAND_WORK`` flops
-  (``certify.banded_cholesky_certifies``).
+  then a Lanczos estimate lam and a float64 Cholesky of ``lam (1 + 1e-3) I - G`` with a margin
+  for the Gram's and the factorization's rounding (``certify.cholesky_certifies``): within 5e-4
+  of exact. Above ``CHOL_LIMIT`` the same Gram matrix is block-sparse (positions that read no
+  common input), and its blocks are factored in float32 in the minimum-degree order where that
+  costs at most ``SPARSE_WORK`` flops, the rounding bounded after the factorization
+  (``certify.sparse_cholesky_bound``): within about 2e-3 of exact.
 - ``"dense"``: the exact norm from the dense matrix when it is small (any padding).
 
 The layer as a linear map (geometry, functional map, padding norm) is in

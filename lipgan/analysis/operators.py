@@ -327,7 +327,7 @@ def layer_bound(
     dense matrix (entries) built for an exact norm. ``lower=False`` skips the power iteration
     where the bound is not exact (``lower`` is then 0). ``n_iter``: its matrix-vector products.
     ``chol_limit``: the largest smaller side of a conv certified by a dense Cholesky; larger ones
-    by the banded Cholesky where affordable (``convgram.BAND_WORK``); 0: no Cholesky.
+    by the block-sparse one where affordable (``convgram.SPARSE_WORK``); 0: no Cholesky.
     Raises ``LipganError`` naming the module when it cannot be bounded soundly. Runs on one
     thread (small linear algebra: a second thread only spins), but for a conv's large Cholesky.
     """

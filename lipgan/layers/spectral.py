@@ -49,11 +49,11 @@ class SpectralNormParametrization(nn.Module):
     map has at most ``DENSE_LIMIT`` entries on its smaller side, else
     ``lipgan.norms.conv_operator_norm(..., "auto")``, lipgan.analysis's certified per-layer
     bound (the exact FFT norm for a circular conv whose output is input / stride, Sedghi et al.
-    2019; a dense or banded Cholesky certificate of the Gram matrix, 5e-4 above the norm, for a
-    zero-padded conv where affordable; else the frequency bound, docs/analysis.md). The kept
-    vectors restart from the top singular vector (dense) or from
-    a fresh Lanczos start, so a vector stuck on the wrong spatial frequency (a circular conv
-    never mixes frequencies) is replaced. ``B / <u, A_W v>`` is kept in the buffer
+    2019; a dense or block-sparse Cholesky certificate of the Gram matrix, 5e-4 / ~2e-3 above the
+    norm, for a zero-padded conv where affordable; else the frequency bound, docs/analysis.md).
+    The kept vectors restart from the top singular vector (dense) or from a fresh Lanczos start,
+    so a vector stuck on the wrong spatial frequency (a circular conv never mixes frequencies)
+    is replaced. ``B / <u, A_W v>`` is kept in the buffer
     ``_certificate`` (saved with the state_dict) until the next training-mode power step, which
     resets it to 1: one power step per training step costs what it did.
     """
