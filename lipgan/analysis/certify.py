@@ -35,6 +35,7 @@ __all__ = [
     "cholesky_max_eig",
     "lanczos_estimate",
     "certified_max_eig",
+    "dense_cholesky_bound",
     "BlockPattern",
     "min_degree_pattern",
     "sparse_cholesky_bound",
@@ -114,8 +115,11 @@ def certified_max_eig(
     return None
 
 
-def _dense_bound(G: torch.Tensor, t: float, delta: float) -> float | None:
-    return t if cholesky_certifies(G, t, delta) else None
+def dense_cholesky_bound(
+    G: torch.Tensor, t: float, delta: float = 0.0, overwrite: bool = False
+) -> float | None:
+    """:func:`cholesky_certifies` as a bound for :func:`certified_max_eig`: t, or None."""
+    return t if cholesky_certifies(G, t, delta, overwrite) else None
 
 
 def cholesky_max_eig(
@@ -140,7 +144,7 @@ def cholesky_max_eig(
         gen = torch.Generator().manual_seed(seed)
         v0 = torch.randn(n, generator=gen, dtype=torch.float64).float()
         estimate = lanczos_estimate(lambda v: G32 @ v, v0)
-    return certified_max_eig(lambda: G, _dense_bound, estimate, delta, steps)
+    return certified_max_eig(lambda: G, dense_cholesky_bound, estimate, delta, steps)
 
 
 _U32 = 2.0**-24  # unit roundoff of float32

@@ -23,7 +23,7 @@ import torch
 from lipgan.analysis.certify import (
     BlockPattern,
     certified_max_eig,
-    cholesky_certifies,
+    dense_cholesky_bound,
     lanczos_estimate,
     min_degree_pattern,
     sparse_cholesky_bound,
@@ -363,7 +363,7 @@ def cholesky_bound(
             if dense:  # the estimate from G itself: a small matrix is cheaper than two convs
                 G = _dense(pb, g, mirror=True)
                 est = _matrix_estimate(G)
-                build, bound = G.clone, _dense_bound
+                build, bound = G.clone, functools.partial(dense_cholesky_bound, overwrite=True)
             else:
                 est = _gram_estimate(geom, pb, g)
                 build = functools.partial(_sparse, pb, g)
@@ -373,10 +373,6 @@ def cholesky_bound(
             return None
         best = max(best, t)
     return math.sqrt(best)
-
-
-def _dense_bound(G: torch.Tensor, t: float, delta: float) -> float | None:
-    return t if cholesky_certifies(G, t, delta, overwrite=True) else None
 
 
 def _sparse_bound(pattern: BlockPattern, built, t: float, delta: float) -> float | None:
